@@ -1,0 +1,231 @@
+"""Checkpoint -> bundle directory (optimum / diffusers ONNX layout plus ``sdrt.json``).
+
+The bundle is written into a temporary sibling directory and renamed into place, so an
+interrupted export never leaves a half bundle behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdrt.export import convert, load, onnx as onnx_export
+from sdrt.export.configs import sd1_configs
+from sdrt.runtime import spec as specs
+from sdrt.runtime.bundle import FORMAT_VERSION, MANIFEST, file_sha256
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+def load_checkpoint(source: str | Path) -> tuple[dict, dict, dict]:
+    """Read a single-file checkpoint or a diffusers folder: (configs, component state dicts, source info)."""
+    source = Path(source)
+    if not source.exists():
+        raise SdrtError(f"checkpoint not found: {source}")
+    if source.is_dir():
+        configs, components = load.load_diffusers_folder(source)
+        info = {"name": source.name, "kind": "diffusers", "sha256": None, "hash": None}
+        return configs, components, info
+    state_dict = load.load_state_dict(source)
+    load.detect_architecture(state_dict)  # refuses SD 2.x / SDXL with a clear line
+    configs = embedded_configs(source) or sd1_configs()
+    components = convert.ldm_to_diffusers(state_dict, configs)
+    sha = file_sha256(source)
+    info = {"name": source.stem, "kind": source.suffix.lstrip("."), "sha256": sha, "hash": sha[:10]}
+    return configs, components, info
+
+
+CONFIGS_METADATA = "sdrt.configs"
+
+
+def embedded_configs(path: Path) -> dict | None:
+    """Configs carried in a safetensors header (``sdrt.configs``), as sdrt's scaled-down models
+    have them: widths can be read off the weights, head counts cannot. None for other files."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(CONFIGS_METADATA)
+    except Exception:  # unreadable headers are reported by the loader with its own message
+        return None
+    if not text:
+        return None
+    try:
+        configs = json.loads(text)
+    except ValueError:
+        raise SdrtError(f"{path.name}: the {CONFIGS_METADATA} metadata is not valid JSON") from None
+    if not isinstance(configs, dict) or not {"unet", "vae", "text_encoder", "scheduler"} <= set(configs):
+        raise SdrtError(f"{path.name}: the {CONFIGS_METADATA} metadata lacks unet/vae/text_encoder/scheduler")
+    return configs
+
+
+def save_checkpoint(state_dict: dict, configs: dict, path: str | Path) -> Path:
+    """Write an LDM-layout state dict as .safetensors with its configs in the header, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp),
+              metadata={CONFIGS_METADATA: json.dumps(configs, sort_keys=True)})
+    tmp.replace(path)
+    return path
+
+
+def export_checkpoint(source: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+                      progress: Progress | None = None) -> Path:
+    """Export a checkpoint (file or diffusers folder) to a bundle at ``out_dir``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise SdrtError(f"output directory exists and is not empty: {out_dir} (pass --overwrite to replace it)")
+    configs, components, info = load_checkpoint(source)
+    unet, vae, text_encoder = convert.build_modules(configs, components)
+    tokenizer_dir = Path(source) / "tokenizer" if Path(source).is_dir() else None
+    return export_modules(unet, vae, text_encoder, configs, out_dir, source=info,
+                          tokenizer_dir=tokenizer_dir, overwrite=overwrite, progress=progress)
+
+
+def export_modules(unet, vae, text_encoder, configs: dict, out_dir: str | Path, *, source: dict,
+                   tokenizer_dir: Path | None = None, overwrite: bool = False,
+                   progress: Progress | None = None) -> Path:
+    """Export torch modules (diffusers UNet/VAE, transformers CLIP text model) to a bundle."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        manifest = _write_bundle(unet, vae, text_encoder, configs, tmp, source, tokenizer_dir, progress)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            if not overwrite:
+                raise SdrtError(f"output directory appeared during export: {out_dir}")
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("bundle written to %s", out_dir)
+    return out_dir
+
+
+def _write_bundle(unet, vae, text_encoder, configs, tmp: Path, source: dict,
+                  tokenizer_dir: Path | None, progress: Progress | None) -> dict:
+    tconf, uconf, vconf = configs["text_encoder"], configs["unet"], configs["vae"]
+    hidden, layers = tconf["hidden_size"], tconf["num_hidden_layers"]
+    latent_channels = vconf["latent_channels"]
+    vae_scale = 2 ** (len(vconf["block_out_channels"]) - 1)
+    component_specs = {
+        "text_encoder": specs.text_encoder_spec(hidden, layers),
+        "unet": specs.unet_spec(uconf["in_channels"], uconf["out_channels"], uconf["cross_attention_dim"]),
+        "vae_decoder": specs.vae_decoder_spec(latent_channels),
+        "vae_encoder": specs.vae_encoder_spec(latent_channels),
+    }
+    graphs = {
+        "text_encoder": onnx_export.TextEncoderGraph(text_encoder),
+        "unet": onnx_export.UNetGraph(unet),
+        "vae_decoder": onnx_export.VaeDecoderGraph(vae),
+        "vae_encoder": onnx_export.VaeEncoderGraph(vae),
+    }
+    sizes = onnx_export.example_sizes()
+    steps = len(COMPONENTS) + 1
+    for i, name in enumerate(COMPONENTS):
+        if progress:
+            progress(f"exporting {name}", i, steps)
+        onnx_export.export_component(graphs[name], component_specs[name], sizes, tmp / name)
+        (tmp / name / "config.json").write_text(json.dumps(_component_config(name, configs), indent=2) + "\n")
+    if progress:
+        progress("writing tokenizer and scheduler", len(COMPONENTS), steps)
+
+    # Token embeddings are looked up by the runtime and fed to the text encoder graph
+    table = text_encoder.get_input_embeddings().weight.detach().to(torch.float32).numpy()
+    np.save(tmp / "text_encoder" / "token_embeddings.npy", table)
+
+    if tokenizer_dir is not None and (tokenizer_dir / "vocab.json").exists():
+        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    else:
+        ClipTokenizer.default().write_files(tmp / "tokenizer")
+    sched = dict(configs["scheduler"])
+    (tmp / "scheduler").mkdir()
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
+    (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2) + "\n")
+    if progress:
+        progress("done", steps, steps)
+
+    import diffusers
+    import onnx
+    import transformers
+
+    from sdrt import runtime
+
+    return {
+        "format": "sdrt-bundle",
+        "format_version": FORMAT_VERSION,
+        "architecture": "sd1",
+        "prediction_type": sched.get("prediction_type", "epsilon"),
+        "latent_channels": latent_channels,
+        "vae_scale_factor": vae_scale,
+        "latent_scale_factor": vconf.get("scaling_factor", 0.18215),
+        "default_size": [uconf["sample_size"] * vae_scale] * 2,
+        "scheduler": {k: sched[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")},
+        "text_encoder": {
+            "hidden_size": hidden,
+            "num_layers": layers,
+            "token_embeddings": "text_encoder/token_embeddings.npy",
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 49407,
+        },
+        "components": {
+            name: {"path": f"{name}/model.onnx", "precision": "fp32", **component_specs[name].to_json()}
+            for name in COMPONENTS
+        },
+        "source": source,
+        "exporter": {
+            "sdrt": runtime.__version__,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "opset": onnx_export.OPSET,
+        },
+    }
+
+
+def _component_config(name: str, configs: dict) -> dict:
+    key = {"text_encoder": "text_encoder", "unet": "unet"}.get(name, "vae")
+    return dict(configs[key])
+
+
+def _model_index() -> dict:
+    import diffusers
+
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }

@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny SD 1.x-architecture model, written as an A1111-layout checkpoint and exported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the tests build models with the export extra (torch)")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_configs():
+    from sdrt.export.tiny import scaled_sd1_configs
+
+    return scaled_sd1_configs()
+
+
+@pytest.fixture(scope="session")
+def tiny_modules(tiny_configs):
+    from sdrt.export.tiny import random_modules
+
+    return random_modules(tiny_configs, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_configs, tiny_modules) -> Path:
+    """The tiny model as a single-file checkpoint in the original LDM / A1111 key layout."""
+    from sdrt.export import convert
+    from sdrt.export.bundle import save_checkpoint
+
+    unet, vae, text_encoder = tiny_modules
+    ldm = convert.diffusers_to_ldm(
+        {"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": text_encoder.state_dict()},
+        tiny_configs)
+    return save_checkpoint(ldm, tiny_configs, tmp_path_factory.mktemp("ckpt") / "tiny-sd1.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
+    from sdrt.export.bundle import export_checkpoint
+
+    return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_bundle):
+    from sdrt.runtime.pipeline import Pipeline
+
+    return Pipeline(tiny_bundle)
+
+
+@pytest.fixture(scope="session")
+def no_torch_dir(tmp_path_factory) -> Path:
+    """A PYTHONPATH entry whose ``torch`` package fails to import."""
+    d = tmp_path_factory.mktemp("no_torch")
+    (d / "torch").mkdir()
+    (d / "torch" / "__init__.py").write_text('raise ImportError("torch is blocked in this test")\n')
+    return d
+
+
+def run_sdrt(*args, env_extra: dict | None = None, pythonpath_first: Path | None = None, cwd=None,
+             timeout=600) -> subprocess.CompletedProcess:
+    """``sdrt ARGS`` in a subprocess (``python -m sdrt.runtime.cli``), output captured."""
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    if pythonpath_first is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath_first), env.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=timeout)
