@@ -52,36 +52,44 @@ CONFIGS_METADATA = "sdrt.configs"
 
 
 def embedded_configs(path: Path) -> dict | None:
-    """Configs carried in a safetensors header (``sdrt.configs``), as sdrt's scaled-down models
-    have them: widths can be read off the weights, head counts cannot. None for other files."""
-    if path.suffix.lower() != ".safetensors":
-        return None
-    from safetensors import safe_open
-
+    """Configs carried inside a checkpoint (``sdrt.configs``: the safetensors header, or a string
+    entry of a .ckpt's top-level dict), as sdrt's scaled-down models have them: widths can be
+    read off the weights, head counts cannot. None for checkpoints without them."""
+    text = None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get(CONFIGS_METADATA)
-    except Exception:  # unreadable headers are reported by the loader with its own message
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                text = (f.metadata() or {}).get(CONFIGS_METADATA)
+        else:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            text = obj.get(CONFIGS_METADATA) if isinstance(obj, dict) else None
+    except Exception:  # unreadable or refused files are reported by the loader with its own message
         return None
     if not text:
         return None
     try:
         configs = json.loads(text)
-    except ValueError:
-        raise SdrtError(f"{path.name}: the {CONFIGS_METADATA} metadata is not valid JSON") from None
+    except (TypeError, ValueError):
+        raise SdrtError(f"{path.name}: the {CONFIGS_METADATA} entry is not valid JSON") from None
     if not isinstance(configs, dict) or not {"unet", "vae", "text_encoder", "scheduler"} <= set(configs):
-        raise SdrtError(f"{path.name}: the {CONFIGS_METADATA} metadata lacks unet/vae/text_encoder/scheduler")
+        raise SdrtError(f"{path.name}: the {CONFIGS_METADATA} entry lacks unet/vae/text_encoder/scheduler")
     return configs
 
 
 def save_checkpoint(state_dict: dict, configs: dict, path: str | Path) -> Path:
-    """Write an LDM-layout state dict as .safetensors with its configs in the header, atomically."""
-    from safetensors.torch import save_file
-
+    """Write an LDM-layout state dict with its configs, atomically: ``.safetensors`` (configs in
+    the header) or a weights-only loadable ``.ckpt`` (``{"state_dict": ..., "sdrt.configs": str}``)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp),
-              metadata={CONFIGS_METADATA: json.dumps(configs, sort_keys=True)})
+    text = json.dumps(configs, sort_keys=True)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata={CONFIGS_METADATA: text})
+    else:
+        torch.save({"state_dict": state_dict, CONFIGS_METADATA: text}, str(tmp))
     tmp.replace(path)
     return path
 

@@ -103,24 +103,25 @@ def export_component(module: nn.Module, spec: ComponentSpec, sizes: dict[str, in
             opset_version=OPSET,
             do_constant_folding=True,
         )
-    _consolidate(path)
+    consolidate(path)
     log.info("exported %s (%s)", spec.name, _human(_size_on_disk(out_dir)))
     return path
 
 
-def _consolidate(path: Path) -> None:
-    """Leave one ``model.onnx``, plus one ``model.onnx_data`` when the weights need it.
+def consolidate(path: Path, limit: int = _PROTOBUF_LIMIT) -> None:
+    """Leave one ``model.onnx``, plus one ``model.onnx_data`` when the weights exceed ``limit``.
 
     The exporter writes one external file per tensor for graphs over 2 GB; gather them into
     the single data file the optimum layout uses, and delete the scattered ones.
     """
     before = set(os.listdir(path.parent))
-    model = onnx.load(str(path), load_external_data=True)
-    if model.ByteSize() <= _PROTOBUF_LIMIT and before == {path.name}:
+    total = sum((path.parent / name).stat().st_size for name in before)  # a > 2 GB proto cannot be sized
+    if total <= limit and before == {path.name}:
         return
+    model = onnx.load(str(path), load_external_data=True)
     for name in before - {path.name}:
         (path.parent / name).unlink()
-    if model.ByteSize() > _PROTOBUF_LIMIT:
+    if total > limit:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=EXTERNAL_DATA, size_threshold=1024)
     else:
