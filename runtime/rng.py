@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +34,8 @@ __all__ = [
     "TorchCPUGenerator",
     "PhiloxNVGenerator",
     "ImageRNG",
+    "BrownianTreeNoise",
+    "slerp",
     "create_generator",
     "SOURCES",
     "CPU_KERNELS",
@@ -285,15 +288,35 @@ class TorchCPUGenerator:
         dims = _shape_tuple(shape)
         return self._uniform_f32(math.prod(dims)).reshape(dims)
 
-    def randn(self, shape) -> np.ndarray:
-        """``torch.randn(shape, generator=g)`` (float32 standard normal), bit for bit."""
+    def randn(self, shape, dtype=np.float32) -> np.ndarray:
+        """``torch.randn(shape, generator=g, dtype=dtype)``: float32 bit for bit; float64 too up to
+        the last ulp of the C library's double log/cos/sin (numpy's may differ by one)."""
         dims = _shape_tuple(shape)
         n = math.prod(dims)
-        if n >= 16:
-            out = self._normal_fill(n)
+        if np.dtype(dtype) == _F64:
+            out = self._normal_fill_f64(n) if n >= 16 else self._normal_small(n, _F64)
+        elif np.dtype(dtype) == _F32:
+            out = self._normal_fill(n) if n >= 16 else self._normal_small(n)
         else:
-            out = self._normal_small(n)
+            raise SdrtError(f"randn supports float32 and float64, not {np.dtype(dtype)}")
         return out.reshape(dims)
+
+    def _normal_fill_f64(self, n: int) -> np.ndarray:
+        """torch's double normal_fill: 53-bit uniforms, Box-Muller per block of 16 in double,
+        a ragged tail recomputed from 16 fresh uniforms like the float kernel."""
+        def box_muller16(u):
+            blocks = u.reshape(-1, 2, 8)
+            radius = np.sqrt(-2.0 * np.log(1.0 - blocks[:, 0]))
+            theta = (2.0 * math.pi) * blocks[:, 1]
+            return (np.stack([radius * np.cos(theta), radius * np.sin(theta)], axis=1) + 0.0).reshape(-1)
+
+        uniforms = self._uniform_f64(n)
+        head = n - n % 16
+        out = np.empty(n, _F64)
+        out[:head] = box_muller16(uniforms[:head])
+        if n % 16:
+            out[n - 16:] = box_muller16(self._uniform_f64(16))
+        return out
 
     def _normal_fill(self, n: int) -> np.ndarray:
         """torch normal_fill: n uniforms, Box-Muller per block of 16; a ragged tail redraws
@@ -307,7 +330,7 @@ class TorchCPUGenerator:
         out[n - 16:] = self._box_muller16(self._uniform_f32(16))
         return out
 
-    def _normal_small(self, n: int) -> np.ndarray:
+    def _normal_small(self, n: int, dtype=_F32) -> np.ndarray:
         """numel < 16: torch's double-precision normal_distribution, one value per element,
         with the second value of each Box-Muller pair cached on the generator.
 
@@ -331,9 +354,9 @@ class TorchCPUGenerator:
             if need % 2:
                 self._next_double_normal = float(both[need])
         if not values:
-            return np.empty(0, _F32)
+            return np.empty(0, dtype)
         # transformation::normal: v * std + mean with std=1, mean=0 (turns -0.0 into +0.0).
-        return (np.concatenate(values) + 0.0).astype(_F32)
+        return (np.concatenate(values) + 0.0).astype(dtype)
 
     def __repr__(self) -> str:
         return f"TorchCPUGenerator(seed={self._seed}, kernel={self.kernel!r})"
@@ -433,6 +456,22 @@ def _source_name(source: str) -> str:
     return src
 
 
+def slerp(val: float, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The webui's variation-seed blend: spherical interpolation from ``low`` (t=0) to ``high``.
+
+    Like the webui, vectors are taken along axis 1 of a (C, H, W) noise (columns), and for nearly
+    parallel inputs it falls back to ``low * val + high * (1 - val)`` (sic: the weights swapped).
+    """
+    low_norm = low / np.linalg.norm(low, axis=1, keepdims=True)
+    high_norm = high / np.linalg.norm(high, axis=1, keepdims=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return low * np.float32(val) + high * np.float32(1 - val)
+    omega = np.arccos(dot)
+    so = np.sin(omega)
+    return (np.sin((1.0 - val) * omega) / so)[:, None] * low + (np.sin(val * omega) / so)[:, None] * high
+
+
 class ImageRNG:
     """Per-image noise generators, as the webui's ``modules/rng.py`` ``ImageRNG``.
 
@@ -442,12 +481,14 @@ class ImageRNG:
     draws fresh noise per image (the sampler's noise); its first call returns ``first()``
     when that has not been drawn yet, as in the webui.
 
+    Variation seeds: with ``subseed_strength`` > 0 the initial noise is ``slerp(strength, noise
+    of seed, noise of subseed)``. Seed resize: with ``seed_resize_from_w/h`` > 0 the noise is
+    drawn at that (pixel) size and pasted, centred, into fresh noise of the real size, so an
+    image keeps its composition when its size changes (as the webui does).
+
     Deliberate difference: the webui's ``next()`` only tracks its own first call, so calling
     ``first()`` and then ``next()`` there draws the initial noise a second time; here
     ``next()`` after ``first()`` continues with fresh noise.
-
-    ``subseeds``/``subseed_strength``/``seed_resize_from_h``/``seed_resize_from_w`` (variation
-    seeds, seed resize) are accepted for the webui's signature but not implemented yet.
     """
 
     def __init__(self, shape, seeds: Sequence[int], *, source: str = "cpu", ensd: int = 0,
@@ -458,25 +499,216 @@ class ImageRNG:
         self.seeds = [_seed_int(s) for s in seeds]
         if not self.seeds:
             raise SdrtError("ImageRNG needs at least one seed")
-        if (subseeds is not None and subseed_strength != 0) or (seed_resize_from_h > 0 and seed_resize_from_w > 0):
-            raise SdrtError("variation seeds and seed resize are not implemented yet")
         self.source = _source_name(source)
         self.ensd = operator.index(ensd)
         self.kernel = kernel
+        self.subseeds = None if subseeds is None else [_seed_int(s) for s in subseeds]
+        self.subseed_strength = float(subseed_strength)
+        if not 0.0 <= self.subseed_strength <= 1.0:
+            raise SdrtError(f"variation seed strength must be in [0, 1], got {subseed_strength}")
+        self.seed_resize_from_h = int(seed_resize_from_h)
+        self.seed_resize_from_w = int(seed_resize_from_w)
         self.generators = [create_generator(s, self.source, kernel=kernel) for s in self.seeds]
         self._first_drawn = False
 
+    def _fresh(self, seed: int, shape) -> np.ndarray:
+        return create_generator(seed, self.source, kernel=self.kernel).randn(shape)
+
     def first(self) -> np.ndarray:
         """Initial latent noise for every image, float32 ``(batch, *shape)``."""
-        noise = np.stack([g.randn(self.shape) for g in self.generators])
+        resize = self.seed_resize_from_h > 0 and self.seed_resize_from_w > 0
+        # The webui divides the pixel size by 8 whatever the model's VAE factor
+        noise_shape = ((self.shape[0], self.seed_resize_from_h // 8, self.seed_resize_from_w // 8)
+                       if resize else self.shape)
+        xs = []
+        for i, (seed, gen) in enumerate(zip(self.seeds, self.generators)):
+            subnoise = None
+            if self.subseeds is not None and self.subseed_strength != 0:
+                subseed = self.subseeds[i] if i < len(self.subseeds) else 0
+                subnoise = self._fresh(subseed, noise_shape)
+            noise = self._fresh(seed, noise_shape) if noise_shape != self.shape else gen.randn(self.shape)
+            if subnoise is not None:
+                noise = slerp(self.subseed_strength, noise, subnoise).astype(np.float32)
+            if noise_shape != self.shape:
+                noise = _paste_centred(noise, gen.randn(self.shape))
+            xs.append(noise)
         if self.ensd:
             self.generators = [create_generator(s + self.ensd, self.source, kernel=self.kernel)
                                for s in self.seeds]
         self._first_drawn = True
-        return noise
+        return np.stack(xs)
 
     def next(self) -> np.ndarray:
         """Fresh noise for every image (``first()`` on the first call if not yet drawn)."""
         if not self._first_drawn:
             return self.first()
         return np.stack([g.randn(self.shape) for g in self.generators])
+
+
+def _paste_centred(noise: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Paste ``noise`` (C, h, w) centred into ``x`` (C, H, W), cropping where it is larger."""
+    dx = (x.shape[2] - noise.shape[2]) // 2
+    dy = (x.shape[1] - noise.shape[1]) // 2
+    w = noise.shape[2] if dx >= 0 else noise.shape[2] + 2 * dx
+    h = noise.shape[1] if dy >= 0 else noise.shape[1] + 2 * dy
+    tx, ty = max(dx, 0), max(dy, 0)
+    sx, sy = max(-dx, 0), max(-dy, 0)
+    x[:, ty:ty + h, tx:tx + w] = noise[:, sy:sy + h, sx:sx + w]
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Brownian tree noise (SDE samplers)
+# --------------------------------------------------------------------------------------------
+
+class _Interval:
+    """A node of the Brownian tree: an interval, its increment W (lazily) and, once split, children."""
+
+    __slots__ = ("start", "end", "parent", "is_left", "midway", "spawn_key", "depth", "w_seed", "left", "right")
+
+    def __init__(self, start, end, parent, is_left):
+        self.start, self.end = _round6(start), _round6(end)
+        self.parent, self.is_left = parent, is_left
+        self.midway = None
+
+
+def _round6(t: float) -> float:
+    """torchsde's time quantisation at tol=1e-6: Python's round(t, 6)."""
+    return round(t, 6)
+
+
+class BrownianTree:
+    """One image's Brownian motion on [t0, t1], reproducing torchsde's ``BrownianTree``.
+
+    torchsde (as k-diffusion's ``BrownianTreeNoiseSampler`` uses it: tol 1e-6, pool size 24,
+    halfway tree, no Levy area) bisects [t0, t1] at midpoints rounded to 6 decimals; each split
+    interval draws its Brownian-bridge noise with a fresh generator whose seed comes from numpy's
+    ``SeedSequence(entropy, spawn_key=(key, depth), pool_size=24)``. We replay that with the same
+    SeedSequence and our bit-exact torch generator, so the increments equal torchsde's on the CPU.
+    ``randn(seed, shape)`` draws one such leaf; results are cached in a small LRU like torchsde's.
+    """
+
+    def __init__(self, t0: float, t1: float, shape, entropy: int, randn, cache_size: int = 64):
+        self.shape, self.entropy, self.randn = tuple(shape), int(entropy), randn
+        self.root = _Interval(t0, t1, None, None)
+        self.root.spawn_key, self.root.depth = 0, 0
+        w_seed = np.random.SeedSequence(entropy=self.entropy, pool_size=24).generate_state(3)[0]
+        w = self.randn(int(w_seed), self.shape)
+        self.root_w = w * w.dtype.type(math.sqrt(t1 - t0))
+        self.cache: OrderedDict = OrderedDict()
+        self.cache_size = cache_size
+
+    def _split_exact(self, node: _Interval, midway: float) -> None:
+        node.midway = _round6(midway)
+        if node.parent is not None:
+            node.spawn_key = 2 * node.parent.spawn_key + (0 if node.is_left else 1)
+            node.depth = node.parent.depth + 1
+        seq = np.random.SeedSequence(entropy=self.entropy, spawn_key=(node.spawn_key, node.depth), pool_size=24)
+        node.w_seed = int(seq.generate_state(4)[0])
+        node.left = _Interval(node.start, midway, node, True)
+        node.right = _Interval(midway, node.end, node, False)
+
+    def _split(self, node: _Interval, midway: float) -> None:
+        # Halfway tree: split at the (rounded) midpoint, then recurse towards the wanted point
+        self._split_exact(node, 0.5 * (node.end + node.start))
+        if midway > node.midway:
+            self._split(node.right, midway)
+        elif midway < node.midway:
+            self._split(node.left, midway)
+
+    def _locate(self, node: _Interval, ta: float, tb: float, out: list) -> None:
+        """The existing-or-new intervals that make up [ta, tb], in order (torchsde's ``_loc``)."""
+        while True:
+            if ta < node.start or tb > node.end:
+                node = node.parent  # outside this interval: ask the parent, which is larger
+                continue
+            if ta == node.start and tb == node.end:
+                out.append(node)
+                return
+            if node.midway is None:
+                if ta == node.start:
+                    self._split(node, tb)
+                    node = node.left
+                    continue
+                self._split(node, ta)
+                node = node.right
+                continue
+            if tb <= node.midway:
+                node = node.left
+            elif ta >= node.midway:
+                node = node.right
+            else:
+                self._locate(node.left, ta, node.midway, out)
+                node, ta = node.right, node.midway
+
+    def _increment(self, node: _Interval) -> np.ndarray:
+        if node.parent is None:
+            return self.root_w
+        w = self.cache.get(node)
+        if w is not None:
+            self.cache.move_to_end(node)
+            return w
+        parent = node.parent
+        pw = self._increment(parent)
+        f = pw.dtype.type
+        # Brownian bridge: the left part has mean (left/h) W and variance left*right/h
+        h_reciprocal = 1 / (parent.end - parent.start)
+        left_diff = parent.midway - parent.start
+        right_diff = parent.end - parent.midway
+        mean = pw * f(left_diff) * f(h_reciprocal)
+        var = left_diff * right_diff * h_reciprocal
+        left_w = mean + f(math.sqrt(var)) * self.randn(parent.w_seed, self.shape)
+        w = left_w if node.is_left else pw - left_w
+        self.cache[node] = w
+        if len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return w
+
+    def __call__(self, ta: float, tb: float) -> np.ndarray:
+        """W(tb) - W(ta) for t0 <= ta <= tb <= t1 (clamped into the interval like torchsde)."""
+        ta = min(max(float(ta), self.root.start), self.root.end)
+        tb = min(max(float(tb), self.root.start), self.root.end)
+        if ta == tb:
+            return np.zeros(self.shape, self.root_w.dtype)
+        out: list = []
+        self._locate(self.root, _round6(ta), _round6(tb), out)
+        w = self._increment(out[0])
+        for node in out[1:]:
+            w = w + self._increment(node)
+        return w
+
+
+class BrownianTreeNoise:
+    """The noise of k-diffusion's ``BrownianTreeNoiseSampler`` with one tree per image seed.
+
+    ``noise(sigma, sigma_next)`` is the tree's increment between the two sigmas divided by the
+    square root of their distance: standard normal per step, and correlated across steps and
+    batch sizes the way the webui's SDE samplers are (``create_noise_sampler``).
+
+    The leaves are drawn with a fresh generator of the image's noise source: ``cpu`` is torch's
+    CPU generator bit for bit, so this equals the webui running the sampler on the CPU; ``nv``
+    uses Philox (the webui's GPU draws them with torch's CUDA generator, which NV approximates).
+    """
+
+    def __init__(self, shape, seeds: Sequence[int], sigma_min: float, sigma_max: float, *,
+                 source: str = "cpu", dtype=np.float32, kernel: str = "avx2"):
+        source = _source_name(source)
+        dtype = np.dtype(dtype)
+
+        def randn(seed, shape):
+            gen = create_generator(seed, source, kernel=kernel)
+            return gen.randn(shape, dtype) if source == "cpu" else gen.randn(shape).astype(dtype)
+
+        t0, t1 = sorted((float(sigma_min), float(sigma_max)))
+        self.trees = [BrownianTree(t0, t1, shape, _seed_int(s), randn) for s in seeds]
+
+    def __call__(self, sigma: float, sigma_next: float) -> np.ndarray:
+        sigma, sigma_next = float(sigma), float(sigma_next)
+        # Going down in sigma is going back in the tree's time: the increment changes sign
+        ta, tb, sign = (sigma, sigma_next, 1) if sigma < sigma_next else (sigma_next, sigma, -1)
+        w = np.stack([tree(ta, tb) for tree in self.trees])
+        if ta == tb:
+            return w  # zeros (k-diffusion would divide 0 by 0)
+        if sign < 0:
+            w = -w
+        return w / w.dtype.type(abs(tb - ta) ** 0.5)

@@ -258,5 +258,5 @@ def test_image_rng_errors():
         ImageRNG((4, 8, 8), [1], source="tpu")
     with pytest.raises(SdrtError):
         ImageRNG((4, 8, 8), [])
-    with pytest.raises(SdrtError, match="not implemented"):
-        ImageRNG((4, 8, 8), [1], subseeds=[2], subseed_strength=0.5)
+    with pytest.raises(SdrtError, match="strength"):
+        ImageRNG((4, 8, 8), [1], subseeds=[2], subseed_strength=1.5)
