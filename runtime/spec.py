@@ -52,6 +52,15 @@ class ComponentSpec:
             "profile": {k: list(v) for k, v in self.profile.items()},
         }
 
+    @classmethod
+    def from_json(cls, name: str, d: dict) -> ComponentSpec:
+        """The spec a manifest's ``components[name]`` entry holds (the inverse of ``to_json``)."""
+        def tensors(ts):
+            return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in ts)
+
+        return cls(name, tensors(d["inputs"]), tensors(d["outputs"]),
+                   {k: tuple(v) for k, v in d.get("profile", {}).items()})
+
 
 # Latent sides from 256 to 1024 pixels (32..128 latents), batch 1..8 (a guided batch of 4 images)
 _LATENT = (32, 64, 128)
