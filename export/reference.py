@@ -24,6 +24,7 @@ from sdrt.export.bundle import load_checkpoint
 from sdrt.export import convert
 from sdrt.runtime import sampling, schedules
 from sdrt.runtime.denoiser import CFGDenoiser
+from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import GenerationParams, Pipeline, to_uint8
 from sdrt.runtime.rng import ImageRNG
 from sdrt.runtime.text import make_chunks
@@ -128,7 +129,14 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path, p: GenerationParam
     seed = max(p.seed, 0)
     f = pipe.bundle.vae_scale_factor
     shape = (pipe.bundle.latent_channels, height // f, width // f)
-    sigmas = sampling.sigmas_for(schedule, p.steps, pipe.denoiser.sigmas)
+    if info.family != "sigma" or info.brownian or info.fixed_schedule:
+        # The shared-sampler reference runs sigma-space samplers with generator noise; the others are
+        # checked against k-diffusion / diffusers / torchsde by tests/test_sampler_e2e.py
+        raise SdrtError(f"verify does not support sampler {info.name!r} yet; use one of: "
+                        + ", ".join(n for n, i in sampling.SAMPLERS.items()
+                                    if i.family == "sigma" and not i.brownian and not i.fixed_schedule))
+    sigmas = sampling.sigmas_for(schedule, p.steps, pipe.denoiser.sigmas, sampler=info,
+                                 arch=pipe.bundle.architecture)
 
     # Runtime: the pipeline's own stages
     cond, uncond = pipe.conditioning(p)
@@ -136,7 +144,7 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path, p: GenerationParam
     image_rt = to_uint8(pipe.decode_float(lat_rt)[0])
 
     # Reference: torch modules, torch generators (re-seeded for ENSD after the first draw, as the webui)
-    chunks = cond.shape[1] // 77
+    chunks = cond.tokens // 77
     r_cond, r_uncond = ref.encode(p.prompt, p.clip_skip, chunks), ref.encode(p.negative_prompt, p.clip_skip, chunks)
     gen = torch.Generator().manual_seed(seed)
     first = torch.randn(shape, generator=gen)[None]
@@ -161,7 +169,8 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path, p: GenerationParam
                     "size": f"{width}x{height}", "rng": p.rng, "clip_skip": p.clip_skip},
         "stages": {
             "noise": _stage(first.numpy(), noise_rt),
-            "text_encoder": _stage(torch.cat([r_cond, r_uncond]).numpy(), np.concatenate([cond, uncond])),
+            "text_encoder": _stage(torch.cat([r_cond, r_uncond]).numpy(),
+                                   np.concatenate([cond.stacked(0), uncond.at(0)[None]])),
             "unet": _stage(r_denoise(x0, float(sigmas[0])).numpy(), unet_rt),
             "vae_decoder": _stage(image_ref_f, vae_rt, peak=1.0),
             "latents": _stage(lat_ref.numpy(), lat_rt),

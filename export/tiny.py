@@ -44,7 +44,12 @@ def scaled_sd1_configs(*, unet_channels=(32, 64), unet_layers=1, attention_heads
 
 
 def random_modules(configs: dict, seed: int = 0):
-    """(unet, vae, text_encoder) torch modules with seeded random weights, eval mode, float32."""
+    """(unet, vae, text_encoder) torch modules with seeded random weights, eval mode, float32.
+
+    Norm layers get random affine parameters (scale 1 +- 0.3, shift +- 0.3) instead of the
+    fresh 1/0: trained models have them, and with a fresh final layer norm the text states have
+    a mean of ~1e-9, which makes the webui's emphasis mean-restore (a ratio of two means) noise.
+    """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -56,4 +61,11 @@ def random_modules(configs: dict, seed: int = 0):
     unet = UNet2DConditionModel(**public(configs["unet"]))
     vae = AutoencoderKL(**public(configs["vae"]))
     text_encoder = CLIPTextModel(CLIPTextConfig(**public(configs["text_encoder"])))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in (unet, vae, text_encoder):
+            for m in module.modules():
+                if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and m.weight is not None:
+                    m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                    m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
     return unet.eval(), vae.eval(), text_encoder.eval()

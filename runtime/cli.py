@@ -40,7 +40,7 @@ class _StageBar:
         self.desc = desc
 
     def __call__(self, stage: str, done: int, total: int):
-        if self.bar is None:
+        if self.bar is None or self.bar.disable:  # a closed bar: the next stage group gets a new one
             self.bar = tqdm(total=total, desc=self.desc, unit="step", file=sys.stderr)
         self.bar.set_postfix_str(stage)
         self.bar.n = done
@@ -76,23 +76,50 @@ def main(verbose: bool):
 @click.option("--rng", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu", "nv"]),
               help="Noise source, as the webui's 'Random number generator source'.")
 @click.option("--ensd", default=0, show_default=True, type=int, help="Eta noise seed delta.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--subseed", default=-1, show_default=True, type=int, help="Variation seed; -1 picks one at random.")
+@click.option("--subseed-strength", default=0.0, show_default=True, type=float, help="Variation strength (0..1).")
+@click.option("--seed-resize-from-w", default=0, show_default=True, type=int, help="Resize seed from width.")
+@click.option("--seed-resize-from-h", default=0, show_default=True, type=int, help="Resize seed from height.")
+@click.option("--eta", default=None, type=float, help="Sampler eta (default: the webui's, 1 ancestral / 0 DDIM).")
+@click.option("--s-noise", default=1.0, show_default=True, type=float, help="Sampler noise multiplier.")
+@click.option("--pad-conds/--no-pad-conds", default=True, show_default=True,
+              help="Pad prompt and negative prompt to the same length (one UNet batch).")
+@click.option("--embeddings-dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Folder of textual inversion embeddings (.pt, .bin, .safetensors), used by file name "
+              "in the prompt.")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda[:N] (ONNX Runtime CUDA), tensorrt[:N] (ONNX Runtime's TensorRT EP) or trt[:N] "
+              "(engines from `sdrt build`).")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32"]),
               help="Numeric precision of the graphs.")
 @click.option("-o", "--output", default="outputs", show_default=True, type=click.Path(file_okay=False),
               help="Output folder.")
+@click.option("--memory", default=None, type=click.Choice(["normal", "med", "low"]),
+              help="Graphs kept loaded: all (normal), the UNet only (med), each only for its stage (low).")
+@click.option("--medvram", is_flag=True, help="Same as --memory med (the webui's flag).")
+@click.option("--lowvram", is_flag=True, help="Same as --memory low, with VAE tiling (the webui's flag).")
+@click.option("--vae-tiling/--no-vae-tiling", default=None,
+              help="Decode in overlapping tiles (default: on with --memory low).")
+@click.option("--vae-tile-size", default=256, show_default=True, type=int, help="VAE tile side in pixels.")
+@click.option("--cuda-graph", is_flag=True, help="Capture CUDA graphs of the UNet (GPU devices, fixed shapes).")
 @_friendly
 def generate(prompt, negative_prompt, model, steps, sampler, scheduler, cfg_scale, seed, width, height,
-             batch_size, batch_count, clip_skip, rng, ensd, device, precision, output):
+             batch_size, batch_count, clip_skip, rng, ensd, subseed, subseed_strength, seed_resize_from_w,
+             seed_resize_from_h, eta, s_noise, pad_conds, embeddings_dir, device, precision, output, memory,
+             medvram, lowvram, vae_tiling, vae_tile_size, cuda_graph):
     """Generate images from PROMPT (txt2img)."""
     from sdrt.runtime.models import resolve_model
     from sdrt.runtime.pipeline import GenerationParams, Pipeline
     from sdrt.runtime.png import save_png
 
     params = GenerationParams(prompt, negative_prompt, steps, sampler, scheduler, cfg_scale, seed, width, height,
-                              batch_size, batch_count, clip_skip, rng, ensd)
+                              batch_size, batch_count, clip_skip, rng, ensd, subseed=subseed,
+                              subseed_strength=subseed_strength, seed_resize_from_w=seed_resize_from_w,
+                              seed_resize_from_h=seed_resize_from_h, eta=eta, s_noise=s_noise, pad_conds=pad_conds)
     bundle = resolve_model(model, progress=_StageBar("export"))
-    pipe = Pipeline(bundle, device=device)
+    memory, tiles = _memory_options(memory, medvram, lowvram, vae_tiling, vae_tile_size, bundle)
+    pipe = Pipeline(bundle, device=device, embeddings_dir=embeddings_dir, memory=memory, vae_tiling=tiles,
+                    cuda_graph=cuda_graph)
     pipe.check(params)
     total = steps * batch_count
     with tqdm(total=total, desc="sampling", unit="step", file=sys.stderr) as bar:
@@ -146,6 +173,174 @@ def verify(bundle, reference, prompt, negative_prompt, steps, sampler, cfg_scale
     click.echo(f"{'stage':<14}{'max abs':>12}{'PSNR dB':>10}")
     for stage, r in report["stages"].items():
         click.echo(f"{stage:<14}{r['max_abs']:>12.3g}{r['psnr']:>10.1f}")
+
+
+@main.command()
+@click.option("-m", "--model", "models", multiple=True,
+              help="Bundle, diffusers folder or checkpoint to measure (repeatable); default: the built-in workloads.")
+@click.option("--reference", "references", multiple=True, type=click.Path(exists=True),
+              help="The checkpoint each --model bundle was exported from, for the torch peers (in --model order).")
+@click.option("--workload", "workloads", multiple=True, type=click.Choice(["sd15-random", "tiny-random", "embedded"]),
+              help="Built-in workloads (repeatable; default without --model: sd15-random and embedded).")
+@click.option("--size", default=None, type=int, help="Square image size (default: 512 for sd15-random, else the model's).")
+@click.option("--steps", default="20,50", show_default=True, help="End-to-end step counts, comma-separated.")
+@click.option("--measure", default="text_encoder,unet_step,vae_decode,end_to_end", show_default=True,
+              help="What to measure, comma-separated.")
+@click.option("--backends", "backend_names", default=None, help="Backends to run, comma-separated (default: all; see --list).")
+@click.option("--repeats", default=3, show_default=True, type=int, help="Timed runs per measurement (the median is kept).")
+@click.option("--warmup", default=1, show_default=True, type=int, help="Untimed runs first.")
+@click.option("--e2e-repeats", default=None, type=int, help="Timed end-to-end runs (default: --repeats).")
+@click.option("--e2e-warmup", default=None, type=int, help="Untimed end-to-end runs (default: --warmup).")
+@click.option("--threads", default=0, show_default=True, type=int, help="CPU threads per backend (0: library default).")
+@click.option("--compile/--no-compile", "use_compile", default=True, show_default=True,
+              help="Include the torch.compile peer (compiling takes minutes on a CPU).")
+@click.option("--sampler", default="Euler a", show_default=True, help="Sampler of the end-to-end runs.")
+@click.option("--seed", default=1, show_default=True, type=int)
+@click.option("--cfg-scale", default=7.0, show_default=True, type=float)
+@click.option("--note", default=None, help="Conditions kept with each record (e.g. 'machine shared with other jobs').")
+@click.option("-o", "--results", default=None, type=click.Path(dir_okay=False),
+              help="Records file to append to (default: RESULTS_DIR/bench-<device>.jsonl).")
+@click.option("--results-dir", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False),
+              help="Where records go and where --report reads them and writes its files.")
+@click.option("--list", "list_only", is_flag=True, help="List the backends and whether each runs here.")
+@click.option("--report", is_flag=True, help="Render REPORT.md, render_time.png and sampler_steps.png from the records.")
+@click.option("--grid/--no-grid", default=True, show_default=True,
+              help="With --report: the sampler vs steps grid (embedded model, or the first --model).")
+@_friendly
+def bench(models, references, workloads, size, steps, measure, backend_names, repeats, warmup, e2e_repeats,
+          e2e_warmup, threads, use_compile, sampler, seed, cfg_scale, note, results, results_dir, list_only, report,
+          grid):
+    """Render times per device and backend against the PyTorch reference (records in RESULTS_DIR)."""
+    from sdrt.runtime import bench as b
+    from sdrt.runtime.models import default_model_path, is_bundle, resolve_model
+
+    if report:
+        grid_bundle = None
+        if grid and models:
+            grid_bundle = resolve_model(models[0], progress=_StageBar("export"))
+        elif grid and is_bundle(default_model_path()):
+            grid_bundle = default_model_path()
+        elif grid:
+            click.echo("no sampler grid: the embedded model is missing from this installation; pass --model", err=True)
+        done = b.write_report(b.read_records([results_dir]), results_dir, grid_bundle=grid_bundle,
+                              progress=_StageBar("sampler grid"))
+        for path in done["written"]:
+            click.echo(str(path))
+        for line in done["notes"]:
+            click.echo(line, err=True)
+        return
+    chosen = b.select_backends(b.backends(compile=use_compile), b.parse_list(backend_names))
+    if list_only:
+        for x in chosen:
+            click.echo(f"{x.key:<28}{x.device:<6}{x.note or 'runs here'}")
+        return
+    settings = b.BenchSettings(measure=tuple(b.parse_list(measure)), steps=tuple(b.parse_list(steps, int)),
+                               repeats=repeats, warmup=warmup, e2e_repeats=e2e_repeats, e2e_warmup=e2e_warmup,
+                               threads=threads, sampler=sampler, seed=seed, cfg_scale=cfg_scale, note=note)
+    settings.tasks()
+    names = workloads or (() if models else ("sd15-random", "embedded"))
+    chosen_workloads, notes = b.resolve_workloads(names, models, references, size=size,
+                                                  progress=_StageBar("preparing"))
+    for line in notes:
+        click.echo(line, err=True)
+    if not chosen_workloads:
+        raise SdrtError("no workload to measure")
+    writer = b.RecordWriter(results or Path(results_dir) / f"bench-{b.device_slug()}.jsonl")
+    bar = tqdm(desc="bench", unit="record", file=sys.stderr)
+
+    def progress(event):
+        bar.total = event["total"]
+        bar.n = event["done"]
+        bar.set_postfix_str(event["label"])
+        bar.refresh()
+
+    try:
+        written = b.run_bench(chosen_workloads, chosen, settings, writer, progress=progress)
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo(f"interrupted: kept the {writer.count} finished records in {writer.path}", err=True)
+        sys.exit(130)
+    bar.close()
+    click.echo(b.render_markdown(written))
+    click.echo(f"{writer.count} records appended to {writer.path}")
+
+
+def _memory_options(memory, medvram, lowvram, vae_tiling, vae_tile_size, bundle):
+    """(memory mode, VAE tiles or None) from --memory / --medvram / --lowvram / --vae-tiling."""
+    from sdrt.runtime.bundle import open_bundle
+    from sdrt.runtime.tiling import TileSpec
+
+    chosen = {m for m, on in (("med", medvram), ("low", lowvram), (memory, memory is not None)) if on}
+    if len(chosen) > 1:
+        raise SdrtError(f"conflicting memory modes: {', '.join(sorted(chosen))} (give one of --memory, --medvram, "
+                        "--lowvram)")
+    mode = chosen.pop() if chosen else "normal"
+    if vae_tiling is None:
+        vae_tiling = mode == "low"
+    tiles = TileSpec.from_pixels(vae_tile_size, open_bundle(bundle).vae_scale_factor) if vae_tiling else None
+    return mode, tiles
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("-W", "--width", default=None, type=int, help="Image width to build for (default: the model's).")
+@click.option("-H", "--height", default=None, type=int, help="Image height to build for (default: the model's).")
+@click.option("--batch", default=1, show_default=True, type=int, help="Images per batch to build for.")
+@click.option("--min-width", default=None, type=int, help="Smallest width (a dynamic range; --width is the optimum).")
+@click.option("--max-width", default=None, type=int, help="Largest width.")
+@click.option("--min-height", default=None, type=int, help="Smallest height.")
+@click.option("--max-height", default=None, type=int, help="Largest height.")
+@click.option("--min-batch", default=None, type=int, help="Smallest batch.")
+@click.option("--max-batch", default=None, type=int, help="Largest batch.")
+@click.option("--prompt-chunks", default=1, show_default=True, type=int,
+              help="75-token prompt chunks to build for (the UNet's sequence is 77 per chunk).")
+@click.option("--max-prompt-chunks", default=None, type=int, help="Most prompt chunks (a dynamic range).")
+@click.option("--vae-tile-size", default=None, type=int,
+              help="Build the VAE decoder for tiles of this many pixels (generate --vae-tiling).")
+@click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp16", "fp32"]),
+              help="Engine precision.")
+@click.option("--device", default="trt", show_default=True,
+              help="trt[:N]: sdrt's engines; tensorrt[:N]: ONNX Runtime's TensorRT EP cache.")
+@click.option("--components", default="text_encoder,unet,vae_decoder", show_default=True,
+              help="Components to build, comma-separated.")
+@click.option("--force", is_flag=True, help="Rebuild engines that are valid in the cache.")
+@_friendly
+def build(bundle, width, height, batch, min_width, max_width, min_height, max_height, min_batch, max_batch,
+          prompt_chunks, max_prompt_chunks, vae_tile_size, precision, device, components, force):
+    """Build TensorRT engines for BUNDLE into BUNDLE/engines (keyed by GPU, TensorRT, graph, precision, shapes)."""
+    from sdrt.runtime import engines
+    from sdrt.runtime.bundle import open_bundle
+    from sdrt.runtime.sessions import check_device
+
+    b = open_bundle(bundle)
+    kind, index = check_device(device)
+    if kind not in ("trt", "tensorrt"):
+        raise SdrtError(f"sdrt build makes TensorRT engines: --device trt[:N] or tensorrt[:N], not {device!r}")
+    w, h = b.default_size
+    shapes = engines.build_shapes(
+        width=engines.dim_range("width", width if width or min_width or max_width else w, min_width, max_width),
+        height=engines.dim_range("height", height if height or min_height or max_height else h, min_height,
+                                 max_height),
+        batch=engines.dim_range("batch", batch, min_batch, max_batch),
+        chunks=engines.dim_range("prompt chunks", prompt_chunks, None, max_prompt_chunks),
+        vae_tile=vae_tile_size, vae_scale_factor=b.vae_scale_factor)
+    names = tuple(c.strip() for c in components.split(",") if c.strip())
+
+    def on_event(event):
+        if event["event"] == "waiting":
+            click.echo(f"{event['component']}: waiting for another process building it", err=True)
+        elif event["event"] == "building":
+            click.echo(f"{event['component']}: building (minutes on a large model)", err=True)
+
+    build_fn = engines.build_engines if kind == "trt" else engines.build_ep_engines
+    results = build_fn(b, shapes, precision=precision, components=names, force=force, device_id=index,
+                       on_event=on_event)
+    for r in results:
+        why = f" ({r.reason})" if r.reason else ""
+        click.echo(f"{r.component:<13}{r.status + why:<12}{r.seconds:8.1f} s  {r.path}")
+        for name, (lo, opt, hi) in r.shapes.items():
+            click.echo(f"  {name}: min {'x'.join(map(str, lo))}, opt {'x'.join(map(str, opt))}, "
+                       f"max {'x'.join(map(str, hi))}")
 
 
 @main.command()
