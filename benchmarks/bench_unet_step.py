@@ -1,9 +1,11 @@
-"""One guided UNet step of the full SD 1.5 architecture: ONNX Runtime CPU vs torch eager.
+"""One guided UNet step of the full SD 1.5 architecture: ONNX Runtime CPU vs torch, in one process.
 
 Seeded random weights (timing needs no trained weights), batch 2 (cond + uncond), 77 text
-tokens, fp32. Both peers run in this process with the same thread count; the printed ratio
-is what to compare across machines. The ONNX graph is exported by sdrt's own exporter
-(weights over 2 GB go to ``model.onnx_data``).
+tokens, fp32. Both peers run in this process with the same thread count, timed by sdrt's one
+loop (``sdrt.runtime.bench.time_fn``) and written in its record format; the printed ratio is
+what to compare across machines. Only the UNet graph is exported (by sdrt's own exporter;
+weights over 2 GB go to ``model.onnx_data``). ``sdrt bench`` measures the whole pipeline, each
+backend in its own process; this script is the quick UNet-only check.
 
     python -m benchmarks.bench_unet_step --sizes 256 512 --threads 2
 """
@@ -18,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import record, time_fn, versions
+from sdrt.runtime import bench
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def main(argv=None) -> int:
@@ -26,31 +30,41 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa",
+                    help="torch attention: diffusers' default SDPA processor or the classic AttnProcessor")
     ap.add_argument("--workdir", default=None, help="where to write the ONNX graph (default: a temp dir)")
-    ap.add_argument("--results", default="unet_step_cpu.jsonl")
+    ap.add_argument("--results", default=str(RESULTS / "unet_step_cpu.jsonl"))
+    ap.add_argument("--note", default=None, help="conditions kept with the records (e.g. a shared machine)")
     args = ap.parse_args(argv)
 
-    import onnxruntime as ort
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     from sdrt.export.configs import sd1_configs
-    from sdrt.export.onnx import UNetGraph, export_component, example_sizes
-    from diffusers import UNet2DConditionModel
+    from sdrt.export.onnx import UNetGraph, example_sizes, export_component
     from sdrt.runtime.sessions import Session
     from sdrt.runtime.spec import unet_spec
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(sd1_configs()["unet"]).eval()
+    unet.set_attn_processor(AttnProcessor2_0() if args.attention == "sdpa" else AttnProcessor())
     params = sum(p.numel() for p in unet.parameters())
     print(f"SD 1.5 UNet: {params / 1e6:.0f}M parameters, {args.threads} threads", flush=True)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdrt-bench-"))
-    spec = unet_spec(4, 4, 768)
-    graph = export_component(UNetGraph(unet), spec, example_sizes(), work / "unet")
+    graph = export_component(UNetGraph(unet), unet_spec(4, 4, 768), example_sizes(), work / "unet")
     files = {p.name: p.stat().st_size for p in graph.parent.iterdir()}
     print(f"exported {graph} ({', '.join(f'{k} {v / 2**20:.0f} MB' for k, v in files.items())})", flush=True)
     session = Session(graph, "cpu", threads=args.threads)
 
+    writer = bench.RecordWriter(args.results)
+    host = bench.machine()
+    common = {"schema": bench.SCHEMA, "run": f"unet-step-{bench.utc_now()}", "machine": host,
+              "versions": bench.versions(), "conditions": args.note, "device": bench.device_info("cpu", host),
+              "precision": "fp32", "measurement": "unet_step", "steps": None, "status": "ok",
+              "threads": args.threads, "peak_host_mb": None, "peak_device_mb": None,
+              "peak_host_method": "not measured (both peers share one process)"}
     for size in args.sizes:
         lat = size // 8
         rng = np.random.default_rng(size)
@@ -66,19 +80,21 @@ def main(argv=None) -> int:
 
         ours = session.run(feeds)["out_sample"]
         ref = run_torch().numpy()
-        max_abs = float(np.abs(ours - ref).max())
-        t_ort = time_fn(lambda: session.run(feeds), repeats=args.repeats)
-        t_torch = time_fn(run_torch, repeats=args.repeats)
+        t_ort = bench.time_fn(lambda: session.run(feeds), repeats=args.repeats)
+        t_torch = bench.time_fn(run_torch, repeats=args.repeats)
         ratio = t_torch["median_s"] / t_ort["median_s"]
-        print(f"{size}x{size}: torch eager fp32 {t_torch['median_s']:.2f} s, onnxruntime cpu fp32 "
-              f"{t_ort['median_s']:.2f} s per guided step -> {ratio:.2f}x (max abs diff {max_abs:.2e})", flush=True)
-        record(args.results, {
-            "benchmark": "unet_guided_step", "model": "sd15-unet-random", "params": params,
-            "size": size, "batch": 2, "threads": args.threads, "precision": "fp32",
-            "peers": {"torch_eager_fp32": t_torch, "onnxruntime_cpu_fp32": t_ort},
-            "ratio_torch_over_ort": ratio, "max_abs_diff": max_abs,
-            "versions": {**versions("torch", "onnxruntime", "numpy", "diffusers"), "ort_providers": ort.get_available_providers()},
-        })
+        torch_name = f"torch-{args.attention}"
+        print(f"{size}x{size}: {torch_name} fp32 {t_torch['median_s']:.2f} s, onnxruntime-cpu fp32 "
+              f"{t_ort['median_s']:.2f} s per guided UNet run -> {ratio:.2f}x", flush=True)
+        workload = {"name": "sd15-unet-random", "description": "the SD 1.5 UNet alone, seeded random weights",
+                    "params": params, "width": size, "height": size, "batch": 2}
+        shapes = {"sample": list(x.shape), "timestep": list(t.shape), "encoder_hidden_states": list(ctx.shape)}
+        for name, runtime, timing, fid in (
+                (torch_name, "torch", t_torch, {"against": f"{torch_name}-fp32", "reference": True}),
+                ("onnxruntime-cpu", "sdrt", t_ort, {"against": f"{torch_name}-fp32", **bench.fidelity(ref, ours)})):
+            writer.write({**common, "date": bench.utc_now(), "workload": workload, "backend": name, "runtime": runtime,
+                          "options": {"attention": args.attention} if runtime == "torch" else {},
+                          "shapes": shapes, "timing": timing, "ms": timing["median_s"] * 1000, "fidelity": fid})
     return 0
 
 
