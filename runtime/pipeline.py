@@ -115,8 +115,7 @@ class Pipeline:
             raise SdrtError("batch size and batch count must be at least 1")
         if p.rng not in RNG_SOURCES:
             raise SdrtError(f"unknown RNG source {p.rng!r}; valid sources: {', '.join(RNG_SOURCES)}")
-        if p.clip_skip < 1:
-            raise SdrtError(f"clip skip must be at least 1, got {p.clip_skip}")
+        self.text_encoder.check_clip_skip(p.clip_skip)
         if not np.isfinite(p.cfg_scale):
             raise SdrtError(f"CFG scale must be a finite number, got {p.cfg_scale}")
         return info, schedule, width, height

@@ -216,24 +216,28 @@ class TextEncoder:
     def empty_chunk(self) -> Chunk:
         return Chunk([self.bos] + [self.eos] * (TEXT_TOKENS - 1), [1.0] * TEXT_TOKENS)
 
+    def check_clip_skip(self, clip_skip: int) -> None:
+        """One-line errors for a CLIP skip this text encoder cannot give."""
+        if clip_skip < 1:
+            raise SdrtError(f"clip skip must be at least 1, got {clip_skip}")
+        if clip_skip > 1 and not self.from_embeddings:
+            raise SdrtError("CLIP skip needs a bundle exported by sdrt (this text encoder graph has no "
+                            "per-layer states); re-export the checkpoint with `sdrt export`")
+        if self.num_layers and clip_skip > self.num_layers:
+            raise SdrtError(f"clip skip {clip_skip} exceeds the text encoder's {self.num_layers} layers")
+
     def encode_tokens(self, ids: np.ndarray, clip_skip: int = 1,
                       fixes: list[list[tuple[int, Embedding]]] | None = None) -> np.ndarray:
         """[n, 77] token ids -> [n, 77, hidden] states (CLIP skip n: layer -n, final norm applied).
 
         ``fixes[i]`` lists the embeddings whose vectors replace row i's token embeddings."""
-        if clip_skip < 1:
-            raise SdrtError(f"clip skip must be at least 1, got {clip_skip}")
+        self.check_clip_skip(clip_skip)
         if not self.from_embeddings:
             if fixes and any(fixes):
                 raise SdrtError("textual inversion embeddings need a bundle exported by sdrt (this text "
                                 "encoder graph takes token ids); re-export the checkpoint with `sdrt export`")
-            if clip_skip > 1:
-                raise SdrtError("CLIP skip needs a bundle exported by sdrt (this text encoder graph has no "
-                                "per-layer states); re-export the checkpoint with `sdrt export`")
             return np.concatenate([self.session.run({"input_ids": ids[i:i + ENCODE_BATCH]}, ["last_hidden_state"])
                                    ["last_hidden_state"] for i in range(0, len(ids), ENCODE_BATCH)])
-        if self.num_layers and clip_skip > self.num_layers:
-            raise SdrtError(f"clip skip {clip_skip} exceeds the text encoder's {self.num_layers} layers")
         dtype = self.session.input_dtype("inputs_embeds")
         out = []
         for i in range(0, len(ids), ENCODE_BATCH):

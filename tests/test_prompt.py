@@ -168,17 +168,30 @@ def test_parse_prompt_combines_and_with_schedules():
         ("a [b:c:2]", 1.0, ((2, "a b"), (4, "a c"))), (" d", 0.5, ((4, " d"),))]
 
 
-def test_parsers_are_linear_on_hostile_prompts():
-    n = 20_000
-    hostile = ["(" * n, "[" * n, "(" * (n // 2) + "a" + ")" * (n // 2), "[" * (n // 2) + "a" + "]" * (n // 2),
-               "[a:" * (n // 5) + "b" + ":1]" * (n // 5), "[a|b]" * (n // 5), "(a:1.1)" * (n // 7), " " * n + "x",
-               "a AND " * (n // 6), "\\(" * (n // 2)]
-    for text in hostile:
+def _hostile(n):
+    return ["(" * n, "[" * n, "(" * (n // 2) + "a" + ")" * (n // 2), "[" * (n // 2) + "a" + "]" * (n // 2),
+            "[a:" * (n // 5) + "b" + ":1]" * (n // 5), "[a|b]" * (n // 5), "(a:1.1)" * (n // 7), " " * n + "x",
+            "a AND " * (n // 6), "\\(" * (n // 2)]
+
+
+def _parse_time(text):
+    """Best of three wall times of all three parsers on ``text`` (the minimum filters out load)."""
+    best = float("inf")
+    for _ in range(3):
         start = time.perf_counter()
         parse_emphasis(text)
         prompt_schedule(text, 20)
         split_and(text)
-        assert time.perf_counter() - start < 2.0, text[:20]
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_parsers_are_linear_on_hostile_prompts():
+    """Ten times the text takes about ten times as long (a quadratic parser: a hundred times).
+    Judged by the growth ratio, measured in this run, not by a wall-clock limit."""
+    for small, large in zip(_hostile(2_000), _hostile(20_000)):
+        ratio = _parse_time(large) / max(_parse_time(small), 1e-4)
+        assert ratio < 35, (large[:20], ratio)
 
 
 # -- chunks (tokenize_line) --
