@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -114,6 +115,9 @@ def export_modules(unet, vae, text_encoder, configs: dict, out_dir: str | Path, 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the finished bundle private
     try:
         manifest = _write_bundle(unet, vae, text_encoder, configs, tmp, source, tokenizer_dir, progress)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -164,6 +168,9 @@ def _write_bundle(unet, vae, text_encoder, configs, tmp: Path, source: dict,
 
     # Token embeddings are looked up by the runtime and fed to the text encoder graph
     table = text_encoder.get_input_embeddings().weight.detach().to(torch.float32).numpy()
+    half = table.astype(np.float16)
+    if np.array_equal(half.astype(np.float32), table):  # an fp16 checkpoint's table: same values, half the bytes
+        table = half
     np.save(tmp / "text_encoder" / "token_embeddings.npy", table)
 
     if tokenizer_dir is not None and (tokenizer_dir / "vocab.json").exists():

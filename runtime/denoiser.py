@@ -22,23 +22,19 @@ class Denoiser:
         self.unet = unet
         self.prediction_type = prediction_type
         self.alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float32)
-        self.sigmas = schedules.model_sigmas(alphas_cumprod)
-        self.log_sigmas = np.log(self.sigmas.astype(np.float64))
+        # The sigma <-> timestep map the schedules are built on
+        self.schedule = schedules.DiscreteSchedule(schedules.model_sigmas(alphas_cumprod))
         # Graphs exported with an integer timestep (optimum) get the nearest step; ours take the fraction
         self.integer_timestep = np.issubdtype(unet.input_dtype("timestep"), np.integer)
         # The timestep's declared shape: [] (a scalar: optimum >= 2), [1] or [batch / "steps"]
         self.timestep_shape = list(unet.inputs["timestep"].shape or [])
 
     @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
+    def sigmas(self) -> np.ndarray:
+        return self.schedule.sigmas
 
     def sigma_to_t(self, sigma: float) -> float:
-        t = float(schedules.sigma_to_t(np.array([sigma]), self.log_sigmas)[0])
+        t = float(self.schedule.sigma_to_t(np.array([sigma]))[0])
         return float(np.rint(t)) if self.integer_timestep else t
 
     def timestep(self, t: float, batch: int) -> np.ndarray:
@@ -47,11 +43,6 @@ class Denoiser:
             return np.array(t, dtype=np.float64)
         n = 1 if self.timestep_shape[0] == 1 else batch
         return np.full((n,), t, dtype=np.float64)
-
-    @property
-    def schedule(self) -> schedules.DiscreteSchedule:
-        """The sigma <-> timestep map the schedules are built on."""
-        return schedules.DiscreteSchedule(self.sigmas)
 
     def run_unet(self, x: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
         """The raw network output for input ``x`` at (fractional) timestep ``t``."""
