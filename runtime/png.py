@@ -66,6 +66,9 @@ def save_png(image: Image.Image, folder: str | Path, seed: int, parameters: str)
     info.add_text("parameters", parameters)
     fd, tmp = tempfile.mkstemp(prefix=".sdrt-", suffix=".png.partial", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make the image private
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         number = next_sequence_number(folder)

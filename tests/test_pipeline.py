@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -85,6 +86,9 @@ def test_cli_generate_without_torch(tiny_bundle, tmp_path, no_torch_dir):
                  "--batch-size", 2, "-o", out, pythonpath_first=no_torch_dir)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["00000-7.png", "00001-8.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "00000-7.png").stat().st_mode & 0o777 == 0o666 & ~umask  # like any file the user writes
     text = Image.open(out / "00001-8.png").text["parameters"]
     assert text.startswith("a blue square\nSteps: 3, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7,")
     assert "Seed: 8," in text
