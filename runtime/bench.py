@@ -365,7 +365,7 @@ def backends(torch_info: dict | None = None, *, compile: bool = True) -> list[Ba
         out.append(b)
     trt = Backend("tensorrt-engine", "fp16", "cuda", "tensorrt", status="unavailable")
     trt.note = ("sdrt does not build TensorRT engines yet" if importlib.util.find_spec("tensorrt")
-                else "not available on this machine: TensorRT is not installed (and sdrt does not build engines yet)")
+                else "not available on this machine: TensorRT is not installed")
     out.append(trt)
 
     info = torch_info if torch_info is not None else probe_torch()
