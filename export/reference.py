@@ -135,7 +135,7 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path, p: GenerationParam
         raise SdrtError(f"verify does not support sampler {info.name!r} yet; use one of: "
                         + ", ".join(n for n, i in sampling.SAMPLERS.items()
                                     if i.family == "sigma" and not i.brownian and not i.fixed_schedule))
-    sigmas = sampling.sigmas_for(schedule, p.steps, pipe.denoiser.sigmas, sampler=info,
+    sigmas = sampling.sigmas_for(schedule, p.steps, pipe.denoiser.schedule, sampler=info,
                                  arch=pipe.bundle.architecture)
 
     # Runtime: the pipeline's own stages
