@@ -1,5 +1,9 @@
 """One guided UNet step of the full SD 1.5 architecture: ONNX Runtime CPU vs torch, in one process.
 
+Peers: torch eager (SDPA or classic attention), ONNX Runtime on the portable graph, and on the
+graph ``sdrt export`` optimizes for the CPU (``model.cpu.onnx``: fused GroupNorm+SiLU in sdrt's
+kernels, MultiHeadAttention, Gelu). ``--profile`` saves ONNX Runtime's time per op type of both.
+
 Seeded random weights (timing needs no trained weights), batch 2 (cond + uncond), 77 text
 tokens, fp32. Both peers run in this process with the same thread count, timed by sdrt's one
 loop (``sdrt.runtime.bench.time_fn``) and written in its record format; the printed ratio is
@@ -13,6 +17,7 @@ backend in its own process; this script is the quick UNet-only check.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -35,11 +40,14 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="where to write the ONNX graph (default: a temp dir)")
     ap.add_argument("--results", default=str(RESULTS / "unet_step_cpu.jsonl"))
     ap.add_argument("--note", default=None, help="conditions kept with the records (e.g. a shared machine)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also save ONNX Runtime's time per op type for both graphs beside the results")
     args = ap.parse_args(argv)
 
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+    from sdrt.export import passes
     from sdrt.export.configs import sd1_configs
     from sdrt.export.onnx import UNetGraph, example_sizes, export_component
     from sdrt.runtime.sessions import Session
@@ -54,9 +62,13 @@ def main(argv=None) -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdrt-bench-"))
     graph = export_component(UNetGraph(unet), unet_spec(4, 4, 768), example_sizes(), work / "unet")
+    fused = graph.with_name("model.cpu.onnx")
+    report = passes.optimize_file(graph, fused)  # as `sdrt export` does
+    print(f"graph passes: {report.summary()}", flush=True)
     files = {p.name: p.stat().st_size for p in graph.parent.iterdir()}
     print(f"exported {graph} ({', '.join(f'{k} {v / 2**20:.0f} MB' for k, v in files.items())})", flush=True)
-    session = Session(graph, "cpu", threads=args.threads)
+    sessions = {"onnxruntime-cpu": Session(graph, "cpu", threads=args.threads),
+                "onnxruntime-cpu-fused": Session(fused, "cpu", threads=args.threads)}
 
     writer = bench.RecordWriter(args.results)
     host = bench.machine()
@@ -78,23 +90,35 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 return unet(xt, tt, ct).sample
 
-        ours = session.run(feeds)["out_sample"]
         ref = run_torch().numpy()
-        t_ort = bench.time_fn(lambda: session.run(feeds), repeats=args.repeats)
         t_torch = bench.time_fn(run_torch, repeats=args.repeats)
-        ratio = t_torch["median_s"] / t_ort["median_s"]
         torch_name = f"torch-{args.attention}"
-        print(f"{size}x{size}: {torch_name} fp32 {t_torch['median_s']:.2f} s, onnxruntime-cpu fp32 "
-              f"{t_ort['median_s']:.2f} s per guided UNet run -> {ratio:.2f}x", flush=True)
+        rows = [(torch_name, "torch", t_torch, {"against": f"{torch_name}-fp32", "reference": True})]
+        line = [f"{size}x{size}: {torch_name} fp32 {t_torch['median_s']:.2f} s"]
+        for name, session in sessions.items():
+            ours = session.run(feeds)["out_sample"]
+            timing = bench.time_fn(lambda: session.run(feeds), repeats=args.repeats)
+            rows.append((name, "sdrt", timing, {"against": f"{torch_name}-fp32", **bench.fidelity(ref, ours)}))
+            line.append(f"{name} fp32 {timing['median_s']:.2f} s ({t_torch['median_s'] / timing['median_s']:.2f}x)")
+        print(", ".join(line) + " per guided UNet run", flush=True)
         workload = {"name": "sd15-unet-random", "description": "the SD 1.5 UNet alone, seeded random weights",
                     "params": params, "width": size, "height": size, "batch": 2}
         shapes = {"sample": list(x.shape), "timestep": list(t.shape), "encoder_hidden_states": list(ctx.shape)}
-        for name, runtime, timing, fid in (
-                (torch_name, "torch", t_torch, {"against": f"{torch_name}-fp32", "reference": True}),
-                ("onnxruntime-cpu", "sdrt", t_ort, {"against": f"{torch_name}-fp32", **bench.fidelity(ref, ours)})):
+        for name, runtime, timing, fid in rows:
+            options = {"attention": args.attention} if runtime == "torch" else {}
+            if name.endswith("-fused"):
+                options = {"graph": "model.cpu.onnx", "passes": report.counts()}
             writer.write({**common, "date": bench.utc_now(), "workload": workload, "backend": name, "runtime": runtime,
-                          "options": {"attention": args.attention} if runtime == "torch" else {},
-                          "shapes": shapes, "timing": timing, "ms": timing["median_s"] * 1000, "fidelity": fid})
+                          "options": options, "shapes": shapes, "timing": timing, "ms": timing["median_s"] * 1000,
+                          "fidelity": fid})
+        if args.profile:
+            for name, path in (("onnxruntime-cpu", graph), ("onnxruntime-cpu-fused", fused)):
+                summary = bench.ort_op_profile(path, feeds, threads=args.threads)
+                out = Path(args.results).with_name(f"unet_step_profile_{name}_{size}.json")
+                out.write_text(json.dumps({"graph": path.name, "size": size, "threads": args.threads,
+                                           "machine": host, "by_op_type": summary}, indent=2) + "\n")
+                top = ", ".join(f"{k} {v['share']:.0%}" for k, v in list(summary.items())[:6])
+                print(f"  profile {name}: {top} -> {out}", flush=True)
     return 0
 
 

@@ -96,7 +96,7 @@ def save_checkpoint(state_dict: dict, configs: dict, path: str | Path) -> Path:
 
 
 def export_checkpoint(source: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-                      progress: Progress | None = None) -> Path:
+                      progress: Progress | None = None, optimize: bool = True) -> Path:
     """Export a checkpoint (file or diffusers folder) to a bundle at ``out_dir``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -105,13 +105,18 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, overwrite: boo
     unet, vae, text_encoder = convert.build_modules(configs, components)
     tokenizer_dir = Path(source) / "tokenizer" if Path(source).is_dir() else None
     return export_modules(unet, vae, text_encoder, configs, out_dir, source=info,
-                          tokenizer_dir=tokenizer_dir, overwrite=overwrite, progress=progress)
+                          tokenizer_dir=tokenizer_dir, overwrite=overwrite, progress=progress, optimize=optimize)
 
 
 def export_modules(unet, vae, text_encoder, configs: dict, out_dir: str | Path, *, source: dict,
                    tokenizer_dir: Path | None = None, overwrite: bool = False,
-                   progress: Progress | None = None) -> Path:
-    """Export torch modules (diffusers UNet/VAE, transformers CLIP text model) to a bundle."""
+                   progress: Progress | None = None, optimize: bool = True) -> Path:
+    """Export torch modules (diffusers UNet/VAE, transformers CLIP text model) to a bundle.
+
+    With ``optimize``, each component also gets ``model.cpu.onnx``: the graph passes of
+    :mod:`sdrt.export.passes` (fused GroupNorm+SiLU, attention, GELU), for ONNX Runtime's CPU
+    provider. It shares ``model.onnx_data`` with the portable ``model.onnx``, which stays standard
+    ONNX for the other execution providers, TensorRT and other tools."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
@@ -119,8 +124,11 @@ def export_modules(unet, vae, text_encoder, configs: dict, out_dir: str | Path, 
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the finished bundle private
     try:
-        manifest = _write_bundle(unet, vae, text_encoder, configs, tmp, source, tokenizer_dir, progress)
+        manifest = _write_bundle(unet, vae, text_encoder, configs, tmp, source, tokenizer_dir, progress, optimize)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        for f in tmp.rglob("*"):  # some writers (onnx's external data) create files private to the user
+            if f.is_file():
+                f.chmod(0o666 & ~umask)
         if out_dir.exists():
             if not overwrite:
                 raise SdrtError(f"output directory appeared during export: {out_dir}")
@@ -139,7 +147,7 @@ def export_modules(unet, vae, text_encoder, configs: dict, out_dir: str | Path, 
 
 
 def _write_bundle(unet, vae, text_encoder, configs, tmp: Path, source: dict,
-                  tokenizer_dir: Path | None, progress: Progress | None) -> dict:
+                  tokenizer_dir: Path | None, progress: Progress | None, optimize: bool = True) -> dict:
     tconf, uconf, vconf = configs["text_encoder"], configs["unet"], configs["vae"]
     hidden, layers = tconf["hidden_size"], tconf["num_hidden_layers"]
     latent_channels = vconf["latent_channels"]
@@ -158,11 +166,14 @@ def _write_bundle(unet, vae, text_encoder, configs, tmp: Path, source: dict,
     }
     sizes = onnx_export.example_sizes()
     steps = len(COMPONENTS) + 1
+    optimized = {}
     for i, name in enumerate(COMPONENTS):
         if progress:
             progress(f"exporting {name}", i, steps)
-        onnx_export.export_component(graphs[name], component_specs[name], sizes, tmp / name)
+        path = onnx_export.export_component(graphs[name], component_specs[name], sizes, tmp / name)
         (tmp / name / "config.json").write_text(json.dumps(_component_config(name, configs), indent=2) + "\n")
+        if optimize:
+            optimized[name] = _optimize_component(path)
     if progress:
         progress("writing tokenizer and scheduler", len(COMPONENTS), steps)
 
@@ -209,7 +220,8 @@ def _write_bundle(unet, vae, text_encoder, configs, tmp: Path, source: dict,
             "pad_token_id": 49407,
         },
         "components": {
-            name: {"path": f"{name}/model.onnx", "precision": "fp32", **component_specs[name].to_json()}
+            name: {"path": f"{name}/model.onnx", "precision": "fp32", **component_specs[name].to_json(),
+                   **({"optimized": optimized[name]} if optimized.get(name) else {})}
             for name in COMPONENTS
         },
         "source": source,
@@ -222,6 +234,25 @@ def _write_bundle(unet, vae, text_encoder, configs, tmp: Path, source: dict,
             "opset": onnx_export.OPSET,
         },
     }
+
+
+def _optimize_component(path: Path) -> dict:
+    """Write ``model.cpu.onnx`` beside ``path`` when a fusion applies; its manifest entry."""
+    import onnx
+
+    from sdrt.export import passes
+
+    # A dry run on the structure first: only graphs that gain a fusion get a second file (and have
+    # their weights moved to model.onnx_data, so the two graphs share them)
+    trial = passes.optimize(onnx.load(str(path), load_external_data=False), base_dir=path.parent)
+    if not any(trial.counts().get(k) for k in passes.FUSIONS):
+        return {}
+    onnx_export.externalize(path)
+    target = path.with_name("model.cpu.onnx")
+    report = passes.optimize_file(path, target)
+    log.info("%s: %s", path.parent.name, report.summary())
+    return {"cpu": {"path": f"{path.parent.name}/{target.name}", "passes": report.counts(),
+                    "custom_ops": passes.uses_custom_ops(report)}}
 
 
 def _component_config(name: str, configs: dict) -> dict:

@@ -128,6 +128,16 @@ def consolidate(path: Path, limit: int = _PROTOBUF_LIMIT) -> None:
         onnx.save_model(model, str(path))
 
 
+def externalize(path: Path) -> None:
+    """Move a graph's weights into ``model.onnx_data`` beside it (when they are inline), so that
+    the optimized graph written next to it can share them instead of holding a second copy."""
+    if (path.parent / EXTERNAL_DATA).exists():
+        return
+    model = onnx.load(str(path))
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA, size_threshold=1024)
+
+
 def _size_on_disk(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 

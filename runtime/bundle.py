@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdrt.runtime import kernels
 from sdrt.runtime.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "sdrt.json"
 FORMAT_VERSION = 1
@@ -30,7 +35,23 @@ class Bundle:
     native: bool  # written by sdrt (token-embedding text encoder, CLIP skip states)
 
     def component(self, name: str) -> Path:
+        """The portable graph of a component: standard ONNX, what every execution provider runs."""
         return self.path / self.manifest["components"][name]["path"]
+
+    def graph(self, name: str, device: str = "cpu") -> Path:
+        """The graph to run ``name`` with on ``device``: the export's optimized graph for that kind
+        of device when the bundle has one (``sdrt export`` writes ``model.cpu.onnx``, fused for ONNX
+        Runtime's CPU provider and sdrt's kernels; it shares the portable graph's weight file),
+        else the portable graph. ``SDRT_GRAPHS=portable`` forces the portable graphs."""
+        kind = device.split(":")[0]
+        optimized = self.manifest["components"][name].get("optimized", {}).get(kind)
+        if optimized and os.environ.get("SDRT_GRAPHS", "auto") != "portable":
+            path = self.path / optimized["path"]
+            if path.exists() and (not optimized.get("custom_ops") or kernels.available()):
+                return path
+            log.warning("%s: optimized graph %s unusable (%s); running the portable graph", name, path,
+                        "missing" if not path.exists() else "sdrt's kernels library is not built")
+        return self.component(name)
 
     def has(self, name: str) -> bool:
         return name in self.manifest["components"] and self.component(name).exists()

@@ -135,11 +135,14 @@ def generate(prompt, negative_prompt, model, steps, sampler, scheduler, cfg_scal
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32"]),
               help="Weight precision of the graphs.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--optimize/--no-optimize", default=True, show_default=True,
+              help="Also write each component's CPU-optimized graph (fused GroupNorm+SiLU, attention, GELU).")
 @_friendly
-def export_cmd(checkpoint, out_dir, precision, overwrite):
+def export_cmd(checkpoint, out_dir, precision, overwrite, optimize):
     """Export CHECKPOINT (.safetensors, .ckpt or a diffusers folder) to a bundle in OUT_DIR."""
     export_checkpoint = _export_api().export_checkpoint
-    path = export_checkpoint(checkpoint, out_dir, overwrite=overwrite, progress=_StageBar("export"))
+    path = export_checkpoint(checkpoint, out_dir, overwrite=overwrite, progress=_StageBar("export"),
+                             optimize=optimize)
     click.echo(str(path))
 
 

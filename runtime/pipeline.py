@@ -93,9 +93,9 @@ class Pipeline:
         self.text_encoder = TextEncoder(self.bundle, device, embeddings_dir=embeddings_dir)
         if memory != "normal":
             self.text_encoder.session.release()
-        self.unet = Session(self.bundle.component("unet"), device, lazy=memory == "low", io=self._spec("unet"),
+        self.unet = Session(self.bundle.graph("unet", device), device, lazy=memory == "low", io=self._spec("unet"),
                             cuda_graph=cuda_graph)
-        self.vae_decoder = Session(self.bundle.component("vae_decoder"), device, lazy=memory != "normal",
+        self.vae_decoder = Session(self.bundle.graph("vae_decoder", device), device, lazy=memory != "normal",
                                    io=self._spec("vae_decoder"))
         self.denoiser = Denoiser(self.unet, schedules.alphas_cumprod(**self.bundle.scheduler),
                                  self.bundle.prediction_type)

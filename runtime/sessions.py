@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from sdrt.runtime import gpu
+from sdrt.runtime import gpu, kernels
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.spec import ComponentSpec
 
@@ -117,6 +117,9 @@ class Session:
         if self.threads:
             opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
+        custom_ops = kernels.available()
+        if custom_ops:  # the ai.sdrt ops that export's graph passes fuse into (sdrt.export.passes)
+            opts.register_custom_ops_library(str(kernels.library_path()))
         options, lock = {}, None
         if self.kind == "tensorrt":
             if self._provider_options is None:
@@ -140,6 +143,10 @@ class Session:
             raise
         except Exception as e:  # onnxruntime raises its own exception types with long messages
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if not custom_ops and "ai.sdrt" in str(e):
+                raise SdrtError(f"cannot load {self.path}: it uses sdrt's custom ops (ai.sdrt) and the kernels "
+                                f"library {kernels.library_path()} is missing; reinstall sdrt, or export "
+                                f"with --no-optimize") from None
             raise SdrtError(f"cannot load {self.path}: {first}") from None
         used = session.get_providers()
         for p in providers:

@@ -186,7 +186,7 @@ class TextEncoder:
     def __init__(self, bundle: Bundle, device: str = "cpu", tokenizer: ClipTokenizer | None = None,
                  embeddings_dir: str | Path | list | None = None):
         self.bundle = bundle
-        self.session = Session(bundle.component("text_encoder"), device)
+        self.session = Session(bundle.graph("text_encoder", device), device)
         tok_dir = bundle.path / "tokenizer"
         self.tokenizer = tokenizer or (ClipTokenizer.from_dir(tok_dir) if (tok_dir / "vocab.json").exists()
                                        else ClipTokenizer.default())

@@ -93,11 +93,6 @@ def default_pipeline():
     return Pipeline(default_model_path())
 
 
-# The shipped model draws clean shapes but does not yet follow the caption's colours and shape
-# (measured on this model: Euler a colours 2/24, shapes 10/24; DPM++ 2M colours 1/24, shapes
-# 6/24): the issue's bar is kept here, expected to fail until a retrained model meets it.
-# strict: once it passes, the marker must go.
-@pytest.mark.xfail(strict=True, reason="sdrt-shapes-v1 does not follow captions yet (docs/DEFAULT_MODEL.md)")
 @pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M"])
 def test_quality(default_pipeline, sampler):
     """Requested colours (centre and corners) and shapes, measured, over 24 prompts at 20 steps."""

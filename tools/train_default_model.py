@@ -15,9 +15,12 @@ a fixed number of threads. Stages:
 2. UNet + text encoder from scratch, jointly, with SD 1.x's objective: eps prediction on the
    scaled_linear 0.00085-0.012 1000-step schedule; 10% of captions dropped to "" so
    classifier-free guidance works; an exponential moving average of the weights is kept.
-   Phase 1 learns to draw; its fp16 checkpoint is saved. Phase 2 continues from it with a
-   higher learning rate on the text path (text encoder and the UNet's cross-attention), where
-   phase 1 leaves the captions only weakly followed.
+   Phase 1 learns to draw; its fp16 checkpoint is saved. Phase 2 continues from it to teach the
+   captions: pyramid (multi-resolution) noise, each sample's loss weighted by 1/SNR clipped to
+   [1, 50], and a 4x learning rate on the text path (text encoder and the UNet's
+   cross-attention). Phase 1 alone, on white noise, draws clean shapes but ignores the caption:
+   the scene's colours and outline stay visible in the low frequencies of even the noisiest
+   latents, so the model reads them there instead of from the text (see ``train_unet``).
 3. Save the LDM/A1111-layout checkpoint in fp16 (with its configs in the header) and export
    the bundle from that file, through the same import a user's checkpoint takes.
 """
@@ -100,11 +103,35 @@ def token_ids(captions: list[str]) -> torch.Tensor:
     return torch.tensor(rows)
 
 
+def pyramid_noise(shape: tuple[int, ...], g: torch.Generator, discount: float) -> torch.Tensor:
+    """Gaussian noise plus bilinearly upsampled noise at 1/2, 1/4, ... of the side (down to 1x1),
+    level i weighted ``discount ** i``, rescaled to unit variance per sample ("pyramid" or
+    multi-resolution noise). Used in training only: sampling starts from plain white noise."""
+    b, c, h, w = shape
+    eps = torch.randn(shape, generator=g)
+    side, level = h, 0
+    while side > 1:
+        side //= 2
+        level += 1
+        coarse = torch.randn(b, c, side, side, generator=g)
+        eps = eps + F.interpolate(coarse, size=(h, w), mode="bilinear") * discount ** level
+    return eps / eps.std(dim=(1, 2, 3), keepdim=True)
+
+
 def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor,
                alphas_cumprod: torch.Tensor, steps: int, batch: int, seed: int, lr: float = 5e-4,
-               ema_decay: float = 0.995, text_lr_mult: float = 1.0):
+               ema_decay: float = 0.995, text_lr_mult: float = 1.0, pyramid: float | None = None,
+               max_weight: float | None = None):
     """Eps-prediction training; ``text_lr_mult`` scales the learning rate of the text encoder and
-    of the UNet's cross-attention (``attn2``) against the rest."""
+    of the UNet's cross-attention (``attn2``) against the rest.
+
+    ``pyramid``: train on pyramid noise with that discount instead of white noise. ``max_weight``:
+    weight each sample's loss by 1/SNR(t) clipped to [1, max_weight] (normalised over the batch),
+    the x0-error weighting at high noise. Both make the caption matter: with white noise the
+    scene's flat colours and outline stay readable in the low frequencies of even the noisiest
+    training latents, so a model learns to read them there instead of from the text, and at
+    sampling time takes them from the random starting noise.
+    """
     g = torch.Generator().manual_seed(seed)
     text_path = [p for n, p in unet.named_parameters() if ".attn2." in n] + list(text_encoder.parameters())
     text_ids = {id(p) for p in text_path}
@@ -126,11 +153,17 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, emp
         drop = torch.rand(batch, generator=g) < 0.1  # caption dropout: unconditional training
         batch_ids[drop] = empty_ids
         t = torch.randint(0, len(alphas_cumprod), (batch,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
+        eps = pyramid_noise(x0.shape, g, pyramid) if pyramid else torch.randn(x0.shape, generator=g)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         context = text_encoder(batch_ids).last_hidden_state
-        loss = F.mse_loss(unet(xt, t, context).sample, eps)
+        if max_weight:
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+            w = torch.clamp(1 / snr, min=1.0, max=max_weight)
+            per_sample = ((unet(xt, t, context).sample - eps) ** 2).mean(dim=(1, 2, 3))
+            loss = (w * per_sample).mean() / w.mean()
+        else:
+            loss = F.mse_loss(unet(xt, t, context).sample, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -158,8 +191,11 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-full-steps", type=int, default=300, help="fine-tuning steps on whole 128x128 scenes")
     ap.add_argument("--vae-full-batch", type=int, default=6)
     ap.add_argument("--unet-steps", type=int, default=2000)
-    ap.add_argument("--unet2-steps", type=int, default=1500, help="phase 2: text path at a higher rate")
-    ap.add_argument("--text-lr-mult", type=float, default=8.0)
+    ap.add_argument("--unet2-steps", type=int, default=1500,
+                    help="phase 2: pyramid noise, high-noise weighting, text path at a higher rate")
+    ap.add_argument("--text-lr-mult", type=float, default=4.0)
+    ap.add_argument("--pyramid", type=float, default=0.8, help="phase 2's pyramid-noise discount")
+    ap.add_argument("--max-weight", type=float, default=50.0, help="phase 2's clip of the 1/SNR loss weight")
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--dataset", type=int, default=6144, help="scenes encoded for the UNet stage")
     ap.add_argument("--out", default="models/sdrt-shapes-v1.safetensors")
@@ -221,8 +257,8 @@ def main(argv=None) -> int:
     unet, _, text_encoder = convert.build_modules(configs, components)
     unet.requires_grad_(True)
     text_encoder.requires_grad_(True)
-    train_unet(unet, text_encoder, scaled, ids, empty, ac, args.unet2_steps, args.unet_batch, args.seed + 3,
-               lr=3e-4, text_lr_mult=args.text_lr_mult)
+    train_unet(unet, text_encoder, scaled, ids, empty, ac, args.unet2_steps, args.unet_batch, args.seed + 5,
+               lr=3e-4, text_lr_mult=args.text_lr_mult, pyramid=args.pyramid, max_weight=args.max_weight)
     out = Path(args.out)
     save(out)
     log.info("checkpoint %s (%.1f MB)", out, out.stat().st_size / 2**20)

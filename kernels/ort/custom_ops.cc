@@ -1,0 +1,222 @@
+// The ONNX Runtime custom-op layer: `RegisterCustomOps`, called by ONNX Runtime when a session
+// loads this library (SessionOptions.register_custom_ops_library), adds the `ai.sdrt` domain.
+//
+// Written against the C API only (third_party/onnxruntime/include/onnxruntime_c_api.h, API 21);
+// newer runtimes serve older API versions, so one build works with every ONNX Runtime >= 1.21.
+//
+// Ops (domain ai.sdrt, version 1):
+//   GroupNorm(X, gamma, beta) -> Y   float32; attributes groups (int), epsilon (float, 1e-5),
+//                                    activation (int: 0 none, 1 SiLU), channels_last (int: 0 NCHW,
+//                                    1 NHWC). Runs on the CPU execution provider, parallel over
+//                                    (batch item, group) on the session's intra-op threads.
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/api.h"
+#include "group_norm/group_norm.h"
+#include "onnxruntime_c_api.h"
+
+namespace {
+
+constexpr const char* kDomain = "ai.sdrt";
+constexpr uint32_t kApiVersion = 21;  // the header's ORT_API_VERSION: the oldest runtime served
+const OrtApi* g_api = nullptr;
+
+// Turns a failing OrtStatus into a C++ exception-free early return
+#define SDRT_RETURN_IF_ERROR(expr)         \
+  do {                                     \
+    OrtStatus* _status = (expr);           \
+    if (_status != nullptr) return _status; \
+  } while (0)
+
+OrtStatus* attribute_int(const OrtKernelInfo* info, const char* name, int64_t fallback, int64_t* out) {
+  OrtStatus* status = g_api->KernelInfoGetAttribute_int64(info, name, out);
+  if (status != nullptr) {  // absent: the default
+    g_api->ReleaseStatus(status);
+    *out = fallback;
+  }
+  return nullptr;
+}
+
+OrtStatus* attribute_float(const OrtKernelInfo* info, const char* name, float fallback, float* out) {
+  OrtStatus* status = g_api->KernelInfoGetAttribute_float(info, name, out);
+  if (status != nullptr) {
+    g_api->ReleaseStatus(status);
+    *out = fallback;
+  }
+  return nullptr;
+}
+
+OrtStatus* shape_of(const OrtValue* value, std::vector<int64_t>* dims) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  SDRT_RETURN_IF_ERROR(g_api->GetTensorTypeAndShape(value, &info));
+  size_t rank = 0;
+  OrtStatus* status = g_api->GetDimensionsCount(info, &rank);
+  if (status == nullptr) {
+    dims->resize(rank);
+    status = g_api->GetDimensions(info, dims->data(), rank);
+  }
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  return status;
+}
+
+// API 21 has no const accessor; inputs are only read
+OrtStatus* input_data(const OrtValue* value, const float** out) {
+  void* data = nullptr;
+  OrtStatus* status = g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data);
+  *out = static_cast<const float*>(data);
+  return status;
+}
+
+// -- GroupNorm --------------------------------------------------------------------------------
+
+struct GroupNormKernel {
+  int64_t groups = 0;
+  float epsilon = 1e-5f;
+  bool silu = false;
+  bool channels_last = false;
+};
+
+struct GroupNormJob {
+  sdrt::GroupNormShape shape;
+  const float *x, *gamma, *beta;
+  float* y;
+  float eps;
+  bool silu;
+};
+
+void group_norm_job(void* data, size_t task) {
+  const auto* job = static_cast<const GroupNormJob*>(data);
+  sdrt::group_norm_task(job->shape, job->x, job->gamma, job->beta, job->y, job->eps, job->silu,
+                        static_cast<int64_t>(task));
+}
+
+OrtStatus* group_norm_compute(const GroupNormKernel& k, OrtKernelContext* context) {
+  const OrtValue *x = nullptr, *gamma = nullptr, *beta = nullptr;
+  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 0, &x));
+  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 1, &gamma));
+  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 2, &beta));
+  std::vector<int64_t> dims, gdims, bdims;
+  SDRT_RETURN_IF_ERROR(shape_of(x, &dims));
+  SDRT_RETURN_IF_ERROR(shape_of(gamma, &gdims));
+  SDRT_RETURN_IF_ERROR(shape_of(beta, &bdims));
+  if (dims.size() < 2) return g_api->CreateStatus(ORT_INVALID_ARGUMENT, "ai.sdrt.GroupNorm: X needs rank >= 2");
+  sdrt::GroupNormShape s;
+  s.n = dims[0];
+  s.c = k.channels_last ? dims.back() : dims[1];
+  s.hw = 1;
+  for (size_t i = 1; i < dims.size(); ++i)
+    if (i != (k.channels_last ? dims.size() - 1 : 1)) s.hw *= dims[i];
+  s.groups = k.groups;
+  s.channels_last = k.channels_last;
+  if (!s.valid()) {
+    const std::string msg = "ai.sdrt.GroupNorm: " + std::to_string(s.c) + " channels cannot form " +
+                            std::to_string(k.groups) + " groups";
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT, msg.c_str());
+  }
+  if (gdims.size() != 1 || gdims[0] != s.c || bdims.size() != 1 || bdims[0] != s.c)
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT, "ai.sdrt.GroupNorm: gamma and beta must be [channels]");
+  OrtValue* y = nullptr;
+  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, dims.data(), dims.size(), &y));
+  GroupNormJob job{s, nullptr, nullptr, nullptr, nullptr, k.epsilon, k.silu};
+  SDRT_RETURN_IF_ERROR(input_data(x, &job.x));
+  SDRT_RETURN_IF_ERROR(input_data(gamma, &job.gamma));
+  SDRT_RETURN_IF_ERROR(input_data(beta, &job.beta));
+  SDRT_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, reinterpret_cast<void**>(&job.y)));
+  const int64_t tasks = sdrt::group_norm_tasks(s);
+  if (tasks <= 0) return nullptr;
+  return g_api->KernelContext_ParallelFor(context, group_norm_job, static_cast<size_t>(tasks), 0, &job);
+}
+
+OrtStatus* ORT_API_CALL group_norm_create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
+                                          void** kernel) {
+  auto* k = new GroupNormKernel();
+  int64_t v = 0;
+  attribute_int(info, "groups", 0, &k->groups);
+  attribute_float(info, "epsilon", 1e-5f, &k->epsilon);
+  attribute_int(info, "activation", 0, &v);
+  k->silu = v == 1;
+  attribute_int(info, "channels_last", 0, &v);
+  k->channels_last = v != 0;
+  if (k->groups <= 0) {
+    delete k;
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT, "ai.sdrt.GroupNorm: attribute 'groups' must be positive");
+  }
+  *kernel = k;
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL group_norm_compute_v2(void* kernel, OrtKernelContext* context) {
+  return group_norm_compute(*static_cast<GroupNormKernel*>(kernel), context);
+}
+
+void ORT_API_CALL group_norm_destroy(void* kernel) { delete static_cast<GroupNormKernel*>(kernel); }
+
+// -- the OrtCustomOp table ------------------------------------------------------------------------
+
+const char* ORT_API_CALL group_norm_name(const OrtCustomOp*) { return "GroupNorm"; }
+const char* ORT_API_CALL cpu_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
+ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp*, size_t) {
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+size_t ORT_API_CALL three(const OrtCustomOp*) { return 3; }
+size_t ORT_API_CALL one(const OrtCustomOp*) { return 1; }
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp*, size_t) {
+  return INPUT_OUTPUT_REQUIRED;
+}
+OrtMemType ORT_API_CALL default_memory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+int ORT_API_CALL variadic_arity(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL variadic_homogeneous(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL start_version(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL end_version(const OrtCustomOp*) { return 1; }
+size_t ORT_API_CALL no_pairs(int** a, int** b) {
+  *a = nullptr;
+  *b = nullptr;
+  return 0;
+}
+void ORT_API_CALL release_pairs(int*, int*) {}
+
+OrtCustomOp make_group_norm_op() {
+  OrtCustomOp op;
+  std::memset(&op, 0, sizeof(op));
+  op.version = kApiVersion;
+  op.GetName = group_norm_name;
+  op.GetExecutionProviderType = cpu_provider;
+  op.GetInputType = float_type;
+  op.GetInputTypeCount = three;
+  op.GetOutputType = float_type;
+  op.GetOutputTypeCount = one;
+  op.GetInputCharacteristic = required;
+  op.GetOutputCharacteristic = required;
+  op.GetInputMemoryType = default_memory;
+  op.GetVariadicInputMinArity = variadic_arity;
+  op.GetVariadicInputHomogeneity = variadic_homogeneous;
+  op.GetVariadicOutputMinArity = variadic_arity;
+  op.GetVariadicOutputHomogeneity = variadic_homogeneous;
+  op.CreateKernelV2 = group_norm_create;
+  op.KernelComputeV2 = group_norm_compute_v2;
+  op.KernelDestroy = group_norm_destroy;
+  op.InferOutputShapeFn = nullptr;  // Y has X's shape: declared in the graph by the fusing pass
+  op.GetStartVersion = start_version;
+  op.GetEndVersion = end_version;
+  op.GetMayInplace = no_pairs;
+  op.ReleaseMayInplace = release_pairs;
+  op.GetAliasMap = no_pairs;
+  op.ReleaseAliasMap = release_pairs;
+  return op;
+}
+
+const OrtCustomOp kGroupNorm = make_group_norm_op();
+
+}  // namespace
+
+extern "C" SDRT_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* base) {
+  g_api = base->GetApi(kApiVersion);
+  if (g_api == nullptr) return nullptr;  // cannot report without an API: the session then fails on the op
+  OrtCustomOpDomain* domain = nullptr;
+  SDRT_RETURN_IF_ERROR(g_api->CreateCustomOpDomain(kDomain, &domain));
+  SDRT_RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &kGroupNorm));
+  // The domain must outlive every session that uses it: it is kept for the process's lifetime
+  return g_api->AddCustomOpDomain(options, domain);
+}
