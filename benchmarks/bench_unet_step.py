@@ -2,7 +2,9 @@
 
 Peers: torch eager (SDPA or classic attention), ONNX Runtime on the portable graph, and on the
 graph ``sdrt export`` optimizes for the CPU (``model.cpu.onnx``: fused GroupNorm+SiLU in sdrt's
-kernels, MultiHeadAttention, Gelu). ``--profile`` saves ONNX Runtime's time per op type of both.
+kernels, MultiHeadAttention, Gelu); and OpenVINO's CPU plugin on the portable graph when
+``openvino`` is installed (what CPU users of FastSD run; at its best precision on this CPU).
+``--profile`` saves ONNX Runtime's time per op type of both ONNX Runtime graphs.
 
 Seeded random weights (timing needs no trained weights), batch 2 (cond + uncond), 77 text
 tokens, fp32. Both peers run in this process with the same thread count, timed by sdrt's one
@@ -40,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="where to write the ONNX graph (default: a temp dir)")
     ap.add_argument("--results", default=str(RESULTS / "unet_step_cpu.jsonl"))
     ap.add_argument("--note", default=None, help="conditions kept with the records (e.g. a shared machine)")
+    ap.add_argument("--openvino", action=argparse.BooleanOptionalAction, default=True,
+                    help="include OpenVINO (when installed) on the portable graph, its best precision here")
     ap.add_argument("--profile", action="store_true",
                     help="also save ONNX Runtime's time per op type for both graphs beside the results")
     args = ap.parse_args(argv)
@@ -69,6 +73,9 @@ def main(argv=None) -> int:
     print(f"exported {graph} ({', '.join(f'{k} {v / 2**20:.0f} MB' for k, v in files.items())})", flush=True)
     sessions = {"onnxruntime-cpu": Session(graph, "cpu", threads=args.threads),
                 "onnxruntime-cpu-fused": Session(fused, "cpu", threads=args.threads)}
+    openvino = _openvino(args.threads) if args.openvino else None
+    if args.openvino and openvino is None:
+        print("openvino: not installed (pip install openvino), peer left out", flush=True)
 
     writer = bench.RecordWriter(args.results)
     host = bench.machine()
@@ -93,23 +100,33 @@ def main(argv=None) -> int:
         ref = run_torch().numpy()
         t_torch = bench.time_fn(run_torch, repeats=args.repeats)
         torch_name = f"torch-{args.attention}"
-        rows = [(torch_name, "torch", t_torch, {"against": f"{torch_name}-fp32", "reference": True})]
+        rows = [(torch_name, "torch", t_torch, {"against": f"{torch_name}-fp32", "reference": True}, "fp32")]
         line = [f"{size}x{size}: {torch_name} fp32 {t_torch['median_s']:.2f} s"]
-        for name, session in sessions.items():
-            ours = session.run(feeds)["out_sample"]
-            timing = bench.time_fn(lambda: session.run(feeds), repeats=args.repeats)
-            rows.append((name, "sdrt", timing, {"against": f"{torch_name}-fp32", **bench.fidelity(ref, ours)}))
-            line.append(f"{name} fp32 {timing['median_s']:.2f} s ({t_torch['median_s'] / timing['median_s']:.2f}x)")
+        runs = {name: (lambda s=session: s.run(feeds)["out_sample"]) for name, session in sessions.items()}
+        if openvino is not None:
+            runs["openvino-cpu"] = openvino(graph, feeds)
+        for name, run in runs.items():
+            ours = run()
+            timing = bench.time_fn(run, repeats=args.repeats)
+            runtime = "openvino" if name.startswith("openvino") else "sdrt"
+            precision = {"f32": "fp32", "f16": "fp16", "bf16": "bf16"}[openvino.hint] if runtime == "openvino" else "fp32"
+            rows.append((name, runtime, timing, {"against": f"{torch_name}-fp32", **bench.fidelity(ref, ours)},
+                         precision))
+            line.append(f"{name} {precision} {timing['median_s']:.2f} s "
+                        f"({t_torch['median_s'] / timing['median_s']:.2f}x)")
         print(", ".join(line) + " per guided UNet run", flush=True)
         workload = {"name": "sd15-unet-random", "description": "the SD 1.5 UNet alone, seeded random weights",
                     "params": params, "width": size, "height": size, "batch": 2}
         shapes = {"sample": list(x.shape), "timestep": list(t.shape), "encoder_hidden_states": list(ctx.shape)}
-        for name, runtime, timing, fid in rows:
+        for name, runtime, timing, fid, precision in rows:
             options = {"attention": args.attention} if runtime == "torch" else {}
             if name.endswith("-fused"):
                 options = {"graph": "model.cpu.onnx", "passes": report.counts()}
+            if runtime == "openvino":
+                options = {"graph": "model.onnx", "openvino": openvino.version, "shapes": "static per size",
+                           "precision_hint": openvino.hint, "capabilities": openvino.capabilities}
             writer.write({**common, "date": bench.utc_now(), "workload": workload, "backend": name, "runtime": runtime,
-                          "options": options, "shapes": shapes, "timing": timing, "ms": timing["median_s"] * 1000,
+                          "precision": precision, "options": options, "shapes": shapes, "timing": timing, "ms": timing["median_s"] * 1000,
                           "fidelity": fid})
         if args.profile:
             for name, path in (("onnxruntime-cpu", graph), ("onnxruntime-cpu-fused", fused)):
@@ -120,6 +137,37 @@ def main(argv=None) -> int:
                 top = ", ".join(f"{k} {v['share']:.0%}" for k, v in list(summary.items())[:6])
                 print(f"  profile {name}: {top} -> {out}", flush=True)
     return 0
+
+
+def _openvino(threads: int):
+    """OpenVINO's CPU plugin as a peer: the portable graph reshaped to each size's static shapes,
+    compiled for latency with ``threads`` threads, at its best precision on this CPU (f32 where it
+    reports no BF16 / FP16 capability; int8 would need a calibrated, quantized model). Returns a
+    factory ``(graph, feeds) -> run`` or None when openvino is not installed."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    core = ov.Core()
+    caps = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    hint = "bf16" if "BF16" in caps else "f16" if "FP16" in caps else "f32"
+
+    def factory(graph, feeds):
+        model = core.read_model(str(graph))
+        model.reshape({name: list(v.shape) for name, v in feeds.items()})
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+                                                     "INFERENCE_NUM_THREADS": threads})
+        request = compiled.create_infer_request()
+
+        def run():
+            request.infer(feeds)
+            return request.get_output_tensor(0).data.copy()
+        return run
+
+    factory.version = ov.__version__
+    factory.capabilities = caps
+    factory.hint = hint
+    return factory
 
 
 if __name__ == "__main__":

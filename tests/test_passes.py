@@ -293,3 +293,39 @@ def test_sd15_unet_every_attention_and_group_norm_fused(tmp_path):
     # tensors): both graphs refer to model.onnx_data
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.cpu.onnx", "model.onnx", "model.onnx_data"]
     assert path.with_name("model.cpu.onnx").stat().st_size < 8 * 2**20 and path.stat().st_size < 8 * 2**20
+
+
+def test_no_optimize_and_graph_choice(tiny_checkpoint, tiny_bundle, tmp_path, monkeypatch):
+    """--no-optimize writes portable graphs only; the runtime picks the optimized graph on the CPU
+    only, and falls back to the portable one when the kernels library is missing or when asked."""
+    import json
+
+    from sdrt.export.bundle import export_checkpoint
+    from sdrt.runtime import bundle as bundle_mod
+    from sdrt.runtime.bundle import open_bundle
+
+    plain = export_checkpoint(tiny_checkpoint, tmp_path / "plain", optimize=False)
+    assert not list(plain.rglob("model.cpu.onnx")) and not list(plain.rglob("model.onnx_data"))
+    assert all("optimized" not in c for c in json.loads((plain / "sdrt.json").read_text())["components"].values())
+    assert open_bundle(plain).graph("unet") == plain / "unet" / "model.onnx"
+
+    b = open_bundle(tiny_bundle)
+    assert b.graph("unet", "cpu") == tiny_bundle / "unet" / "model.cpu.onnx"
+    assert b.graph("unet", "cuda:0") == tiny_bundle / "unet" / "model.onnx"  # fused ops are CPU ops
+    assert b.graph("text_encoder", "cpu") == tiny_bundle / "text_encoder" / "model.onnx"  # nothing fused
+    monkeypatch.setenv("SDRT_GRAPHS", "portable")
+    assert b.graph("unet", "cpu") == tiny_bundle / "unet" / "model.onnx"
+    monkeypatch.delenv("SDRT_GRAPHS")
+    monkeypatch.setattr(bundle_mod.kernels, "available", lambda: False)
+    assert b.graph("unet", "cpu") == tiny_bundle / "unet" / "model.onnx"
+
+
+def test_fused_graph_without_the_kernels_library_is_one_clear_error(tiny_bundle, monkeypatch):
+    from sdrt.runtime import sessions
+    from sdrt.runtime.errors import SdrtError
+
+    monkeypatch.setattr(sessions.kernels, "available", lambda: False)
+    with pytest.raises(SdrtError) as e:
+        sessions.Session(tiny_bundle / "unet" / "model.cpu.onnx")
+    message = str(e.value)
+    assert "\n" not in message and "ai.sdrt" in message and "kernels library" in message
