@@ -252,7 +252,7 @@ def _optimize_component(path: Path) -> dict:
     report = passes.optimize_file(path, target)
     log.info("%s: %s", path.parent.name, report.summary())
     return {"cpu": {"path": f"{path.parent.name}/{target.name}", "passes": report.counts(),
-                    "custom_ops": passes.uses_custom_ops(report)}}
+                    "custom_ops": report.custom_ops}}
 
 
 def _component_config(name: str, configs: dict) -> dict:

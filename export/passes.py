@@ -147,9 +147,10 @@ class Graph:
         subgraph, whose last node comes after everything ``new`` reads and before every reader of
         what it writes. Node protos held before a replace are stale after it (the graph stores
         copies): passes look nodes up again by their output names."""
-        gone = {n.output[0] if n.output else n.name for n in old}
         def key(n):
             return n.output[0] if n.output else n.name
+
+        gone = {key(n) for n in old}
         nodes = list(self.graph.node)
         at = max(i for i, n in enumerate(nodes) if key(n) in gone)
         rebuilt = [n for n in nodes[:at] if key(n) not in gone] + new + [n for n in nodes[at + 1:] if key(n) not in gone]
@@ -525,6 +526,7 @@ class OptimizeReport:
     passes: list[PassReport] = field(default_factory=list)
     nodes_before: int = 0
     nodes_after: int = 0
+    custom_ops: bool = False  # the optimized graph imports the ai.sdrt domain (sdrt's kernels library)
 
     def counts(self) -> dict[str, int]:
         return {p.name: p.count for p in self.passes}
@@ -547,11 +549,6 @@ PASSES: list[tuple[str, Callable[[Graph], int]]] = [
 FUSIONS = ("group_norm", "attention", "gelu")  # the passes that change what runs
 
 
-def uses_custom_ops(report: OptimizeReport) -> bool:
-    """Whether the optimized graph needs sdrt's kernels library (ai.sdrt ops)."""
-    return report.counts().get("group_norm", 0) > 0
-
-
 def optimize(model: onnx.ModelProto, passes: list[str] | None = None,
              base_dir: str | Path | None = None) -> OptimizeReport:
     """Run the passes (all by default, in PASSES order) on ``model`` in place; ``base_dir`` is where
@@ -565,6 +562,7 @@ def optimize(model: onnx.ModelProto, passes: list[str] | None = None,
         n = fn(g)
         report.passes.append(PassReport(name, n, time.perf_counter() - t0))
     report.nodes_after = len(model.graph.node)
+    report.custom_ops = any(o.domain == SDRT_DOMAIN for o in model.opset_import)
     log.info("graph passes: %s", report.summary())
     return report
 

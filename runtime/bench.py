@@ -311,14 +311,9 @@ def ort_op_profile(graph: str | Path, feeds: dict[str, np.ndarray], *, threads: 
     a warm-up, largest first, as ``{op_type: {"ms": per run, "share": of all op time, "nodes": n}}``."""
     import onnxruntime as ort
 
-    from sdrt.runtime import kernels
+    from sdrt.runtime.sessions import session_options
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    if kernels.available():
-        opts.register_custom_ops_library(str(kernels.library_path()))
+    opts = session_options(threads)
     with tempfile.TemporaryDirectory(prefix="sdrt-profile-") as tmp:
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "ort")

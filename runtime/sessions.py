@@ -73,6 +73,20 @@ def providers_for(device: str, options: dict | None = None, cuda_graph: bool = F
     return [(wanted, options.get(wanted, {})), cuda, "CPUExecutionProvider"]
 
 
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    """ONNX Runtime options for sdrt's graphs: all graph optimizations, ``threads`` intra-op threads
+    (0: ONNX Runtime's default), quiet logs, and sdrt's custom ops (the ai.sdrt ops that export's
+    graph passes fuse into) when the kernels library is built."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    if kernels.available():
+        opts.register_custom_ops_library(str(kernels.library_path()))
+    return opts
+
+
 class Session:
     """One graph: feeds inputs in the dtypes the graph declares, returns outputs by name.
 
@@ -112,14 +126,8 @@ class Session:
         self._binding = None
 
     def _load_ort(self) -> None:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-        opts.log_severity_level = 3
+        opts = session_options(self.threads)
         custom_ops = kernels.available()
-        if custom_ops:  # the ai.sdrt ops that export's graph passes fuse into (sdrt.export.passes)
-            opts.register_custom_ops_library(str(kernels.library_path()))
         options, lock = {}, None
         if self.kind == "tensorrt":
             if self._provider_options is None:

@@ -30,22 +30,21 @@ const OrtApi* g_api = nullptr;
     if (_status != nullptr) return _status; \
   } while (0)
 
-OrtStatus* attribute_int(const OrtKernelInfo* info, const char* name, int64_t fallback, int64_t* out) {
+// An attribute's value, or `fallback` when the node does not set it
+void attribute_int(const OrtKernelInfo* info, const char* name, int64_t fallback, int64_t* out) {
   OrtStatus* status = g_api->KernelInfoGetAttribute_int64(info, name, out);
-  if (status != nullptr) {  // absent: the default
+  if (status != nullptr) {
     g_api->ReleaseStatus(status);
     *out = fallback;
   }
-  return nullptr;
 }
 
-OrtStatus* attribute_float(const OrtKernelInfo* info, const char* name, float fallback, float* out) {
+void attribute_float(const OrtKernelInfo* info, const char* name, float fallback, float* out) {
   OrtStatus* status = g_api->KernelInfoGetAttribute_float(info, name, out);
   if (status != nullptr) {
     g_api->ReleaseStatus(status);
     *out = fallback;
   }
-  return nullptr;
 }
 
 OrtStatus* shape_of(const OrtValue* value, std::vector<int64_t>* dims) {
