@@ -2,9 +2,10 @@
 
 Peers: torch eager (SDPA or classic attention), ONNX Runtime on the portable graph, and on the
 graph ``sdrt export`` optimizes for the CPU (``model.cpu.onnx``: fused GroupNorm+SiLU in sdrt's
-kernels, MultiHeadAttention, Gelu); and OpenVINO's CPU plugin on the portable graph when
+kernels, MultiHeadAttention, Gelu), and on its int8 form (``sdrt export --precision int8``:
+the image-token MatMuls quantized dynamically); and OpenVINO's CPU plugin on the portable graph when
 ``openvino`` is installed (what CPU users of FastSD run; at its best precision on this CPU).
-``--profile`` saves ONNX Runtime's time per op type of both ONNX Runtime graphs.
+``--profile`` saves ONNX Runtime's time per op type of the ONNX Runtime graphs.
 
 Seeded random weights (timing needs no trained weights), batch 2 (cond + uncond), 77 text
 tokens, fp32. Both peers run in this process with the same thread count, timed by sdrt's one
@@ -19,6 +20,7 @@ backend in its own process; this script is the quick UNet-only check.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     from sdrt.export import passes
+    from sdrt.export import precision as export_precision
     from sdrt.export.configs import sd1_configs
     from sdrt.export.onnx import UNetGraph, example_sizes, export_component
     from sdrt.runtime.sessions import Session
@@ -69,10 +72,14 @@ def main(argv=None) -> int:
     fused = graph.with_name("model.cpu.onnx")
     report = passes.optimize_file(graph, fused)  # as `sdrt export` does
     print(f"graph passes: {report.summary()}", flush=True)
+    int8 = graph.with_name(f"model.{export_precision.INT8_SUFFIX}.onnx")
+    quantized = export_precision.quantize_int8(fused, int8)  # as `sdrt export --precision int8` does
+    print(f"quantization: {quantized.summary()}", flush=True)
     files = {p.name: p.stat().st_size for p in graph.parent.iterdir()}
     print(f"exported {graph} ({', '.join(f'{k} {v / 2**20:.0f} MB' for k, v in files.items())})", flush=True)
-    sessions = {"onnxruntime-cpu": Session(graph, "cpu", threads=args.threads),
-                "onnxruntime-cpu-fused": Session(fused, "cpu", threads=args.threads)}
+    # One peer loaded at a time (loaded, timed, released): all of them together with torch's
+    # model would not fit in this machine's 24 GB at 512x512
+    graphs = {"onnxruntime-cpu": graph, "onnxruntime-cpu-fused": fused, "onnxruntime-cpu-int8": int8}
     openvino = _openvino(args.threads) if args.openvino else None
     if args.openvino and openvino is None:
         print("openvino: not installed (pip install openvino), peer left out", flush=True)
@@ -102,18 +109,23 @@ def main(argv=None) -> int:
         torch_name = f"torch-{args.attention}"
         rows = [(torch_name, "torch", t_torch, {"against": f"{torch_name}-fp32", "reference": True}, "fp32")]
         line = [f"{size}x{size}: {torch_name} fp32 {t_torch['median_s']:.2f} s"]
-        runs = {name: (lambda s=session: s.run(feeds)["out_sample"]) for name, session in sessions.items()}
+        loaders = {name: (lambda p=path: _ort_peer(Session(p, "cpu", threads=args.threads), feeds))
+                   for name, p in graphs.items()}
         if openvino is not None:
-            runs["openvino-cpu"] = openvino(graph, feeds)
-        for name, run in runs.items():
+            loaders["openvino-cpu"] = lambda: openvino(graph, feeds)
+        for name, load in loaders.items():
+            run = load()
             ours = run()
             timing = bench.time_fn(run, repeats=args.repeats)
             runtime = "openvino" if name.startswith("openvino") else "sdrt"
-            precision = {"f32": "fp32", "f16": "fp16", "bf16": "bf16"}[openvino.hint] if runtime == "openvino" else "fp32"
+            precision = ({"f32": "fp32", "f16": "fp16", "bf16": "bf16"}[openvino.hint] if runtime == "openvino"
+                         else "int8" if name.endswith("-int8") else "fp32")
             rows.append((name, runtime, timing, {"against": f"{torch_name}-fp32", **bench.fidelity(ref, ours)},
                          precision))
             line.append(f"{name} {precision} {timing['median_s']:.2f} s "
                         f"({t_torch['median_s'] / timing['median_s']:.2f}x)")
+            del run
+            gc.collect()
         print(", ".join(line) + " per guided UNet run", flush=True)
         workload = {"name": "sd15-unet-random", "description": "the SD 1.5 UNet alone, seeded random weights",
                     "params": params, "width": size, "height": size, "batch": 2}
@@ -122,6 +134,9 @@ def main(argv=None) -> int:
             options = {"attention": args.attention} if runtime == "torch" else {}
             if name.endswith("-fused"):
                 options = {"graph": "model.cpu.onnx", "passes": report.counts()}
+            if name.endswith("-int8"):
+                options = {"graph": int8.name, "passes": report.counts(), "quantized": quantized.counts,
+                           "scheme": "dynamic: int8 symmetric per-tensor weights, uint8 per-run activations"}
             if runtime == "openvino":
                 options = {"graph": "model.onnx", "openvino": openvino.version, "shapes": "static per size",
                            "precision_hint": openvino.hint, "capabilities": openvino.capabilities}
@@ -129,7 +144,7 @@ def main(argv=None) -> int:
                           "precision": precision, "options": options, "shapes": shapes, "timing": timing, "ms": timing["median_s"] * 1000,
                           "fidelity": fid})
         if args.profile:
-            for name, path in (("onnxruntime-cpu", graph), ("onnxruntime-cpu-fused", fused)):
+            for name, path in graphs.items():
                 summary = bench.ort_op_profile(path, feeds, threads=args.threads)
                 out = Path(args.results).with_name(f"unet_step_profile_{name}_{size}.json")
                 out.write_text(json.dumps({"graph": path.name, "size": size, "threads": args.threads,
@@ -137,6 +152,12 @@ def main(argv=None) -> int:
                 top = ", ".join(f"{k} {v['share']:.0%}" for k, v in list(summary.items())[:6])
                 print(f"  profile {name}: {top} -> {out}", flush=True)
     return 0
+
+
+def _ort_peer(session, feeds):
+    def run():
+        return session.run(feeds)["out_sample"]
+    return run
 
 
 def _openvino(threads: int):

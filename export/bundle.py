@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdrt.export import convert, load, onnx as onnx_export
+from sdrt.export import convert, load, onnx as onnx_export, precision as precision_mod
 from sdrt.export.configs import sd1_configs
 from sdrt.runtime import spec as specs
 from sdrt.runtime.bundle import FORMAT_VERSION, MANIFEST, file_sha256
@@ -96,7 +96,8 @@ def save_checkpoint(state_dict: dict, configs: dict, path: str | Path) -> Path:
 
 
 def export_checkpoint(source: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-                      progress: Progress | None = None, optimize: bool = True) -> Path:
+                      progress: Progress | None = None, optimize: bool = True,
+                      precisions: tuple[str, ...] = ("fp32",)) -> Path:
     """Export a checkpoint (file or diffusers folder) to a bundle at ``out_dir``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -105,18 +106,28 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, *, overwrite: boo
     unet, vae, text_encoder = convert.build_modules(configs, components)
     tokenizer_dir = Path(source) / "tokenizer" if Path(source).is_dir() else None
     return export_modules(unet, vae, text_encoder, configs, out_dir, source=info,
-                          tokenizer_dir=tokenizer_dir, overwrite=overwrite, progress=progress, optimize=optimize)
+                          tokenizer_dir=tokenizer_dir, overwrite=overwrite, progress=progress, optimize=optimize,
+                          precisions=precisions)
 
 
 def export_modules(unet, vae, text_encoder, configs: dict, out_dir: str | Path, *, source: dict,
                    tokenizer_dir: Path | None = None, overwrite: bool = False,
-                   progress: Progress | None = None, optimize: bool = True) -> Path:
+                   progress: Progress | None = None, optimize: bool = True,
+                   precisions: tuple[str, ...] = ("fp32",)) -> Path:
     """Export torch modules (diffusers UNet/VAE, transformers CLIP text model) to a bundle.
 
     With ``optimize``, each component also gets ``model.cpu.onnx``: the graph passes of
     :mod:`sdrt.export.passes` (fused GroupNorm+SiLU, attention, GELU), for ONNX Runtime's CPU
     provider. It shares ``model.onnx_data`` with the portable ``model.onnx``, which stays standard
-    ONNX for the other execution providers, TensorRT and other tools."""
+    ONNX for the other execution providers, TensorRT and other tools.
+
+    ``precisions`` beyond fp32 (always written) add reduced-precision variants
+    (:mod:`sdrt.export.precision`): ``int8``, the CPU UNet quantized; ``fp16``, every component
+    for the CUDA provider. Each is measured against fp32 on one short generation and recorded in
+    the manifest's ``precisions``, which decides ``--precision auto``."""
+    unknown = [p for p in precisions if p not in precision_mod.PRECISIONS]
+    if unknown:
+        raise SdrtError(f"unknown precision {unknown[0]!r}; valid: {', '.join(precision_mod.PRECISIONS)}")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
@@ -126,6 +137,9 @@ def export_modules(unet, vae, text_encoder, configs: dict, out_dir: str | Path, 
     try:
         manifest = _write_bundle(unet, vae, text_encoder, configs, tmp, source, tokenizer_dir, progress, optimize)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if set(precisions) - {"fp32"}:
+            manifest = _write_precisions(tmp, manifest, precisions, optimize, progress)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         for f in tmp.rglob("*"):  # some writers (onnx's external data) create files private to the user
             if f.is_file():
                 f.chmod(0o666 & ~umask)
@@ -253,6 +267,60 @@ def _optimize_component(path: Path) -> dict:
     log.info("%s: %s", path.parent.name, report.summary())
     return {"cpu": {"path": f"{path.parent.name}/{target.name}", "passes": report.counts(),
                     "custom_ops": report.custom_ops}}
+
+
+def _write_precisions(tmp: Path, manifest: dict, precisions: tuple[str, ...], optimize: bool,
+                      progress: Progress | None) -> dict:
+    """Add the reduced-precision variants to a written bundle, measure each, return the manifest."""
+    for precision in precisions:
+        if precision == "fp32":
+            continue
+        kind, suffix = {"int8": ("cpu", precision_mod.INT8_SUFFIX), "fp16": ("cuda", precision_mod.FP16_SUFFIX)}[precision]
+        if progress:
+            progress(f"writing {precision} graphs", 0, 2)
+        names = ("unet",) if precision == "int8" else COMPONENTS
+        details = {}
+        for name in names:
+            entry = manifest["components"][name]
+            portable = tmp / entry["path"]
+            target = portable.with_name(f"model.{suffix}.onnx")
+            if precision == "int8":
+                # From the fused CPU graph when there is one: the quantized MatMuls then sit between
+                # sdrt's GroupNorm and ONNX Runtime's MultiHeadAttention, as in model.cpu.onnx
+                fused = entry.get("optimized", {}).get("cpu") if optimize else None
+                source = tmp / fused["path"] if fused else portable
+                onnx_export.externalize(portable)
+                report = precision_mod.quantize_int8(source, target)
+                log.info("%s: %s", name, report.summary())
+                variant = {"path": f"{name}/{target.name}", "precision": "int8", "quantized": report.counts,
+                           "custom_ops": bool((fused or {}).get("custom_ops"))}
+                details[name] = report.counts
+            else:
+                counts = precision_mod.convert_fp16(portable, target)
+                variant = {"path": f"{name}/{target.name}", "precision": "fp16", **counts}
+                details[name] = counts
+            entry.setdefault("optimized", {})[f"{kind}-{precision}"] = variant
+        record = {"components": details, "min_default_psnr": precision_mod.DEFAULT_MIN_PSNR, "fidelity": None,
+                  "default": False}
+        manifest.setdefault("precisions", {}).setdefault(kind, {})[precision] = record
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        # fp16 is measured where the export finds ONNX Runtime's CUDA provider; elsewhere it stays
+        # unmeasured and opt-in (`sdrt verify --device cuda --precision fp16` measures it there)
+        if kind == "cpu" or _cuda_available():
+            if progress:
+                progress(f"measuring {precision} against fp32", 1, 2)
+            f = record["fidelity"] = {**precision_mod.measure(tmp, precision, device=kind), "device": kind}
+            record["default"] = f["default"]
+            log.info("%s: final image %s dB against fp32 (%s)", precision,
+                     f["image_psnr"] if f["image_psnr"] is not None else "identical",
+                     f"the {kind} default" if record["default"] else "opt-in")
+    return manifest
+
+
+def _cuda_available() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def _component_config(name: str, configs: dict) -> dict:

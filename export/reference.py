@@ -114,16 +114,18 @@ class TorchReference:
         return torch.clamp((x + 1.0) / 2.0, 0.0, 1.0).numpy()
 
 
-def verify_bundle(bundle: str | Path, checkpoint: str | Path, p: GenerationParams) -> dict:
+def verify_bundle(bundle: str | Path, checkpoint: str | Path, p: GenerationParams, *, device: str = "cpu",
+                  precision: str = "fp32") -> dict:
     """Run the runtime and the torch reference on the same request; max-abs and PSNR per stage.
 
     Stages: ``noise`` (initial latent noise), ``text_encoder`` (cond and uncond conditioning),
     ``unet`` (one guided denoise of the same input at the first sigma), ``vae_decoder`` (decoding
     the reference's final latents, pixels in [0, 1]), ``latents`` (end of sampling) and ``image``
-    (the 8-bit outputs, PSNR with peak 255).
+    (the 8-bit outputs, PSNR with peak 255). The runtime runs the bundle's graphs for ``device``
+    at ``precision`` (``auto``: its default there); the reference stays fp32 on the CPU.
     """
     torch.set_grad_enabled(False)
-    pipe = Pipeline(bundle)
+    pipe = Pipeline(bundle, device=device, precision=precision)
     info, schedule, width, height = pipe.check(p)
     ref = TorchReference(checkpoint, pipe.bundle.path / "tokenizer")
     seed = max(p.seed, 0)
@@ -166,7 +168,8 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path, p: GenerationParam
     return {
         "request": {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "steps": p.steps,
                     "sampler": info.name, "schedule": schedule, "cfg_scale": p.cfg_scale, "seed": seed,
-                    "size": f"{width}x{height}", "rng": p.rng, "clip_skip": p.clip_skip},
+                    "size": f"{width}x{height}", "rng": p.rng, "clip_skip": p.clip_skip,
+                    "device": device, "precision": pipe.precision},
         "stages": {
             "noise": _stage(first.numpy(), noise_rt),
             "text_encoder": _stage(torch.cat([r_cond, r_uncond]).numpy(),

@@ -38,20 +38,40 @@ class Bundle:
         """The portable graph of a component: standard ONNX, what every execution provider runs."""
         return self.path / self.manifest["components"][name]["path"]
 
-    def graph(self, name: str, device: str = "cpu") -> Path:
-        """The graph to run ``name`` with on ``device``: the export's optimized graph for that kind
-        of device when the bundle has one (``sdrt export`` writes ``model.cpu.onnx``, fused for ONNX
-        Runtime's CPU provider and sdrt's kernels; it shares the portable graph's weight file),
-        else the portable graph. ``SDRT_GRAPHS=portable`` forces the portable graphs."""
+    def graph(self, name: str, device: str = "cpu", precision: str = "fp32") -> Path:
+        """The graph to run ``name`` with on ``device`` at ``precision``.
+
+        The export's optimized graphs for that kind of device come first when the bundle has them
+        (``sdrt export`` writes ``model.cpu.onnx``, fused for ONNX Runtime's CPU provider and
+        sdrt's kernels, and with ``--precision`` ``model.cpu-int8.onnx`` / ``model.cuda-fp16.onnx``;
+        they share or mirror the portable graph's weights): the ``precision`` variant, else the
+        fp32 one (components a precision leaves alone, such as the int8 variant's text encoder and
+        VAE), else the portable graph. ``SDRT_GRAPHS=portable`` forces the portable graphs."""
         kind = device.split(":")[0]
-        optimized = self.manifest["components"][name].get("optimized", {}).get(kind)
-        if optimized and os.environ.get("SDRT_GRAPHS", "auto") != "portable":
-            path = self.path / optimized["path"]
-            if path.exists() and (not optimized.get("custom_ops") or kernels.available()):
+        variants = self.manifest["components"][name].get("optimized", {})
+        if os.environ.get("SDRT_GRAPHS", "auto") == "portable":
+            return self.component(name)
+        for key in ([f"{kind}-{precision}"] if precision != "fp32" else []) + [kind]:
+            entry = variants.get(key)
+            if not entry:
+                continue
+            path = self.path / entry["path"]
+            if path.exists() and (not entry.get("custom_ops") or kernels.available()):
                 return path
-            log.warning("%s: optimized graph %s unusable (%s); running the portable graph", name, path,
+            log.warning("%s: optimized graph %s unusable (%s); running the next one", name, path,
                         "missing" if not path.exists() else "sdrt's kernels library is not built")
         return self.component(name)
+
+    def precisions(self, device: str = "cpu") -> dict[str, dict]:
+        """The reduced precisions exported for a device kind: {precision: the export's record,
+        with its measured fidelity and whether it may be the default}."""
+        kind = device.split(":")[0]
+        return {p: r for p, r in self.manifest.get("precisions", {}).get(kind, {}).items()}
+
+    def default_precision(self, device: str = "cpu") -> str:
+        """What ``--precision auto`` runs on ``device``: an exported reduced precision whose
+        measured final-image PSNR against fp32 met the bar (``default`` in its record), else fp32."""
+        return next((p for p, r in self.precisions(device).items() if r.get("default")), "fp32")
 
     def has(self, name: str) -> bool:
         return name in self.manifest["components"] and self.component(name).exists()

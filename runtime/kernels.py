@@ -12,10 +12,17 @@ import numpy as np
 from sdrt.runtime.errors import SdrtError
 
 _NAMES = {"linux": "libsdrt_kernels.so", "darwin": "libsdrt_kernels.dylib", "win32": "sdrt_kernels.dll"}
+_CUDA_NAMES = {"linux": "libsdrt_kernels_cuda.so", "win32": "sdrt_kernels_cuda.dll"}
 
 
 def library_path() -> Path:
     return Path(__file__).parent / "lib" / _NAMES.get(sys.platform, "libsdrt_kernels.so")
+
+
+def cuda_library_path() -> Path:
+    """The CUDA build of the ops (built when nvcc was found at install time): the CPU ops plus
+    their CUDA execution provider kernels, registered instead of the CPU library for GPU sessions."""
+    return Path(__file__).parent / "lib" / _CUDA_NAMES.get(sys.platform, "libsdrt_kernels_cuda.so")
 
 
 @functools.cache

@@ -27,6 +27,7 @@ RNG_SOURCES = ("cpu", "gpu", "nv")
 # VAE are loaded for their stage and released; low: every graph only for its stage (docs/NVIDIA.md)
 MEMORY_MODES = ("normal", "med", "low")
 MAX_SEED = 2**32 - 1
+PRECISIONS = ("fp32", "fp16", "int8")  # int8: CPU graphs; fp16: CUDA graphs (sdrt.export.precision)
 
 
 @dataclass
@@ -68,6 +69,27 @@ class GeneratedImage:
     infotext: str
 
 
+def resolve_precision(bundle: Bundle, device: str, precision: str) -> str:
+    """The precision a pipeline runs: ``auto`` is the device's measured default (see
+    :meth:`Bundle.default_precision`); a named one must have been exported for the device kind."""
+    kind = device.split(":")[0]
+    if precision == "auto":
+        return bundle.default_precision(device) if kind in ("cpu", "cuda") else "fp32"
+    if precision not in PRECISIONS:
+        raise SdrtError(f"unknown precision {precision!r}; valid: auto, {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return precision
+    if kind not in ("cpu", "cuda"):
+        raise SdrtError(f"--precision {precision} applies to the cpu and cuda devices; TensorRT engines take "
+                        "theirs from `sdrt build --precision`")
+    if precision not in bundle.precisions(device):
+        where = {"int8": "cpu", "fp16": "cuda"}[precision]
+        hint = (f"export them with `sdrt export --precision {precision}`" if where == kind
+                else f"{precision} graphs are made for the {where} device")
+        raise SdrtError(f"bundle {bundle.name} has no {precision} graphs for {kind} ({hint})")
+    return precision
+
+
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """[3, H, W] in [0, 1] -> [H, W, 3] uint8, truncating like the webui's ``astype(np.uint8)``."""
     return (255.0 * np.moveaxis(x, 0, 2)).astype(np.uint8)
@@ -83,20 +105,23 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle | str | Path, device: str = "cpu",
                  embeddings_dir: str | Path | list | None = None, memory: str = "normal",
-                 vae_tiling: tiling.TileSpec | None = None, cuda_graph: bool = False):
+                 vae_tiling: tiling.TileSpec | None = None, cuda_graph: bool = False,
+                 precision: str = "auto", half_vae: bool = True):
         if memory not in MEMORY_MODES:
             raise SdrtError(f"unknown memory mode {memory!r}; valid modes: {', '.join(MEMORY_MODES)}")
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         self.device = device
         self.memory = memory
         self.vae_tiling = vae_tiling  # None: decode whole images
-        self.text_encoder = TextEncoder(self.bundle, device, embeddings_dir=embeddings_dir)
+        self.precision = resolve_precision(self.bundle, device, precision)
+        self.text_encoder = TextEncoder(self.bundle, device, embeddings_dir=embeddings_dir, precision=self.precision)
         if memory != "normal":
             self.text_encoder.session.release()
-        self.unet = Session(self.bundle.graph("unet", device), device, lazy=memory == "low", io=self._spec("unet"),
-                            cuda_graph=cuda_graph)
-        self.vae_decoder = Session(self.bundle.graph("vae_decoder", device), device, lazy=memory != "normal",
-                                   io=self._spec("vae_decoder"))
+        self.unet = Session(self.bundle.graph("unet", device, self.precision), device, lazy=memory == "low",
+                            io=self._spec("unet"), cuda_graph=cuda_graph)
+        # The VAE at reduced precision only when asked (half_vae=False is the webui's --no-half-vae)
+        self.vae_decoder = Session(self.bundle.graph("vae_decoder", device, self.precision if half_vae else "fp32"),
+                                   device, lazy=memory != "normal", io=self._spec("vae_decoder"))
         self.denoiser = Denoiser(self.unet, schedules.alphas_cumprod(**self.bundle.scheduler),
                                  self.bundle.prediction_type)
 
@@ -226,17 +251,37 @@ class Pipeline:
         def decode_one(z):
             return self.vae_decoder.run({"latent_sample": z[None]}, ["sample"])["sample"][0]
 
+        def decode(z):
+            if self.vae_tiling is not None:
+                return tiling.decode_tiled(decode_one, z, self.vae_tiling, self.bundle.vae_scale_factor)
+            return decode_one(z)
+
         out = []
         for z in latents:
+            if not np.all(np.isfinite(z)):
+                raise SdrtError("the latents given to the VAE decoder hold NaN/Inf")
             z = z / np.float32(self.bundle.latent_scale_factor)
-            if self.vae_tiling is not None:
-                x = tiling.decode_tiled(decode_one, z, self.vae_tiling, self.bundle.vae_scale_factor)
-            else:
-                x = decode_one(z)
+            x = decode(z)
+            if not np.all(np.isfinite(x)) and self._vae_to_fp32():
+                x = decode(z)
             if not np.all(np.isfinite(x)):
-                raise SdrtError("the VAE decoder produced NaN/Inf")
+                raise SdrtError(f"the VAE decoder produced NaN/Inf ({Path(self.vae_decoder.path).name})")
             out.append(np.clip((x + 1.0) / 2.0, 0.0, 1.0))
         return np.stack(out)
+
+    def _vae_to_fp32(self) -> bool:
+        """After NaN/Inf from a reduced-precision VAE: switch to its fp32 graph for this image and
+        the rest of the pipeline's life, as the webui does ("converting VAE into 32-bit float and
+        retrying"). False when the VAE already runs in fp32."""
+        fp32 = self.bundle.graph("vae_decoder", self.device, "fp32")
+        if Path(self.vae_decoder.path) == fp32:
+            return False
+        log.warning("the VAE decoder produced NaN/Inf at %s precision (%s); retrying with the fp32 graph",
+                    self.precision, Path(self.vae_decoder.path).name)
+        lazy = self.memory != "normal"
+        self.vae_decoder.release()
+        self.vae_decoder = Session(fp32, self.device, lazy=lazy, io=self._spec("vae_decoder"))
+        return True
 
     def decode(self, latents: np.ndarray) -> list[Image.Image]:
         """Latents -> 8-bit RGB images: 255 * x truncated, as the webui does (diffusers rounds)."""

@@ -73,15 +73,23 @@ def providers_for(device: str, options: dict | None = None, cuda_graph: bool = F
     return [(wanted, options.get(wanted, {})), cuda, "CPUExecutionProvider"]
 
 
-def session_options(threads: int = 0) -> ort.SessionOptions:
+def session_options(threads: int = 0, kind: str = "cpu") -> ort.SessionOptions:
     """ONNX Runtime options for sdrt's graphs: all graph optimizations, ``threads`` intra-op threads
     (0: ONNX Runtime's default), quiet logs, and sdrt's custom ops (the ai.sdrt ops that export's
-    graph passes fuse into) when the kernels library is built."""
+    graph passes fuse into) when the kernels library is built: its CUDA build for GPU sessions
+    when that was built too (it holds the CPU ops as well; a session loads one of the two)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    if kind != "cpu" and kernels.cuda_library_path().exists():
+        try:
+            opts.register_custom_ops_library(str(kernels.cuda_library_path()))
+            return opts
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own types; the CPU ops still serve
+            log.warning("sdrt's CUDA kernels library did not load (%s); using the CPU one",
+                        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     if kernels.available():
         opts.register_custom_ops_library(str(kernels.library_path()))
     return opts
@@ -126,7 +134,7 @@ class Session:
         self._binding = None
 
     def _load_ort(self) -> None:
-        opts = session_options(self.threads)
+        opts = session_options(self.threads, self.kind)
         custom_ops = kernels.available()
         options, lock = {}, None
         if self.kind == "tensorrt":

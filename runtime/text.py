@@ -174,6 +174,13 @@ def ti_hashes(cond: MultiCond, uncond: CondSchedule) -> str | None:
     return ", ".join(entries) or None
 
 
+def _finite(states: np.ndarray, session: Session) -> np.ndarray:
+    """The text encoder's states, or a one-line error naming the stage when they hold NaN/Inf."""
+    if not np.all(np.isfinite(states)):
+        raise SdrtError(f"the text encoder produced NaN/Inf ({Path(session.path).name})")
+    return states
+
+
 def _batch_mean(z: np.ndarray, weight: np.ndarray) -> float:
     """The mean of a batch [texts, ...] in which text k stands ``weight[k]`` times."""
     with np.errstate(over="ignore", invalid="ignore"):
@@ -184,9 +191,9 @@ class TextEncoder:
     """The bundle's text encoder; token embeddings looked up here for sdrt bundles."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu", tokenizer: ClipTokenizer | None = None,
-                 embeddings_dir: str | Path | list | None = None):
+                 embeddings_dir: str | Path | list | None = None, precision: str = "fp32"):
         self.bundle = bundle
-        self.session = Session(bundle.graph("text_encoder", device), device)
+        self.session = Session(bundle.graph("text_encoder", device, precision), device)
         tok_dir = bundle.path / "tokenizer"
         self.tokenizer = tokenizer or (ClipTokenizer.from_dir(tok_dir) if (tok_dir / "vocab.json").exists()
                                        else ClipTokenizer.default())
@@ -236,8 +243,9 @@ class TextEncoder:
             if fixes and any(fixes):
                 raise SdrtError("textual inversion embeddings need a bundle exported by sdrt (this text "
                                 "encoder graph takes token ids); re-export the checkpoint with `sdrt export`")
-            return np.concatenate([self.session.run({"input_ids": ids[i:i + ENCODE_BATCH]}, ["last_hidden_state"])
-                                   ["last_hidden_state"] for i in range(0, len(ids), ENCODE_BATCH)])
+            return _finite(np.concatenate([self.session.run({"input_ids": ids[i:i + ENCODE_BATCH]},
+                                                            ["last_hidden_state"])["last_hidden_state"]
+                                           for i in range(0, len(ids), ENCODE_BATCH)]), self.session)
         dtype = self.session.input_dtype("inputs_embeds")
         out = []
         for i in range(0, len(ids), ENCODE_BATCH):
@@ -251,7 +259,7 @@ class TextEncoder:
             else:
                 states = self.session.run({"inputs_embeds": embeds}, ["normed_hidden_states"])["normed_hidden_states"]
                 out.append(states[len(states) - clip_skip])
-        return np.concatenate(out)
+        return _finite(np.concatenate(out), self.session)
 
     def _encode_batch(self, texts: list[str], clip_skip: int, min_chunks: int = 1):
         """The webui's ``forward`` over a batch of texts: {text: [77 * chunks, hidden]}, embeddings used.

@@ -5,10 +5,16 @@
 // newer runtimes serve older API versions, so one build works with every ONNX Runtime >= 1.21.
 //
 // Ops (domain ai.sdrt, version 1):
-//   GroupNorm(X, gamma, beta) -> Y   float32; attributes groups (int), epsilon (float, 1e-5),
-//                                    activation (int: 0 none, 1 SiLU), channels_last (int: 0 NCHW,
-//                                    1 NHWC). Runs on the CPU execution provider, parallel over
-//                                    (batch item, group) on the session's intra-op threads.
+//   GroupNorm(X, gamma, beta) -> Y   attributes groups (int), epsilon (float, 1e-5), activation
+//                                    (int: 0 none, 1 SiLU), channels_last (int: 0 NCHW, 1 NHWC).
+//                                    CPU execution provider: float32, parallel over (batch item,
+//                                    group) on the session's intra-op threads. CUDA execution
+//                                    provider (this file built with SDRT_WITH_CUDA, into
+//                                    libsdrt_kernels_cuda): X and Y float32 or float16, gamma and
+//                                    beta float32, on the session's compute stream.
+//
+// The CUDA build is a separate library so that the CPU one never depends on the CUDA runtime; it
+// registers the CPU op too, and a session loads one of the two.
 #include <cstring>
 #include <string>
 #include <vector>
@@ -16,6 +22,9 @@
 #include "common/api.h"
 #include "group_norm/group_norm.h"
 #include "onnxruntime_c_api.h"
+#ifdef SDRT_WITH_CUDA
+#include "group_norm/group_norm_cuda.h"
+#endif
 
 namespace {
 
@@ -75,6 +84,7 @@ struct GroupNormKernel {
   float epsilon = 1e-5f;
   bool silu = false;
   bool channels_last = false;
+  bool cuda = false;  // the CUDA op: device pointers, the session's stream
 };
 
 struct GroupNormJob {
@@ -90,6 +100,29 @@ void group_norm_job(void* data, size_t task) {
   sdrt::group_norm_task(job->shape, job->x, job->gamma, job->beta, job->y, job->eps, job->silu,
                         static_cast<int64_t>(task));
 }
+
+#ifdef SDRT_WITH_CUDA
+OrtStatus* group_norm_compute_cuda(const OrtValue* x, const GroupNormJob& job, OrtKernelContext* context) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  SDRT_RETURN_IF_ERROR(g_api->GetTensorTypeAndShape(x, &info));
+  OrtStatus* status = g_api->GetTensorElementType(info, &type);
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  if (status != nullptr) return status;
+  void* stream = nullptr;
+  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetGPUComputeStream(context, &stream));
+  const auto dtype = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? sdrt::GpuDtype::kFloat16 : sdrt::GpuDtype::kFloat32;
+  // job.x / job.y are typed float* for the CPU path; here they are device pointers of `dtype`
+  const int rc = sdrt::group_norm_cuda(dtype, job.x, job.gamma, job.beta, job.y, job.shape, job.eps, job.silu, stream);
+  if (rc == 0) return nullptr;
+  const std::string msg = "ai.sdrt.GroupNorm (CUDA): launch failed, error " + std::to_string(rc);
+  return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, msg.c_str());
+}
+#else
+OrtStatus* group_norm_compute_cuda(const OrtValue*, const GroupNormJob&, OrtKernelContext*) {
+  return g_api->CreateStatus(ORT_NOT_IMPLEMENTED, "ai.sdrt.GroupNorm: this library was built without CUDA");
+}
+#endif
 
 OrtStatus* group_norm_compute(const GroupNormKernel& k, OrtKernelContext* context) {
   const OrtValue *x = nullptr, *gamma = nullptr, *beta = nullptr;
@@ -123,14 +156,18 @@ OrtStatus* group_norm_compute(const GroupNormKernel& k, OrtKernelContext* contex
   SDRT_RETURN_IF_ERROR(input_data(gamma, &job.gamma));
   SDRT_RETURN_IF_ERROR(input_data(beta, &job.beta));
   SDRT_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, reinterpret_cast<void**>(&job.y)));
+  if (k.cuda) return group_norm_compute_cuda(x, job, context);
   const int64_t tasks = sdrt::group_norm_tasks(s);
   if (tasks <= 0) return nullptr;
   return g_api->KernelContext_ParallelFor(context, group_norm_job, static_cast<size_t>(tasks), 0, &job);
 }
 
-OrtStatus* ORT_API_CALL group_norm_create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
+const char* ORT_API_CALL cuda_provider(const OrtCustomOp*);
+
+OrtStatus* ORT_API_CALL group_norm_create(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info,
                                           void** kernel) {
   auto* k = new GroupNormKernel();
+  k->cuda = op->GetExecutionProviderType == cuda_provider;
   int64_t v = 0;
   attribute_int(info, "groups", 0, &k->groups);
   attribute_float(info, "epsilon", 1e-5f, &k->epsilon);
@@ -156,8 +193,16 @@ void ORT_API_CALL group_norm_destroy(void* kernel) { delete static_cast<GroupNor
 
 const char* ORT_API_CALL group_norm_name(const OrtCustomOp*) { return "GroupNorm"; }
 const char* ORT_API_CALL cpu_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
+const char* ORT_API_CALL cuda_provider(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
 ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp*, size_t) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+// float16 data (X, Y) with float32 gamma and beta (inputs 1, 2)
+ONNXTensorElementDataType ORT_API_CALL half_input_type(const OrtCustomOp*, size_t index) {
+  return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+ONNXTensorElementDataType ORT_API_CALL half_type(const OrtCustomOp*, size_t) {
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 }
 size_t ORT_API_CALL three(const OrtCustomOp*) { return 3; }
 size_t ORT_API_CALL one(const OrtCustomOp*) { return 1; }
@@ -176,15 +221,18 @@ size_t ORT_API_CALL no_pairs(int** a, int** b) {
 }
 void ORT_API_CALL release_pairs(int*, int*) {}
 
-OrtCustomOp make_group_norm_op() {
+using ProviderFn = const char*(ORT_API_CALL*)(const OrtCustomOp*);
+using TypeFn = ONNXTensorElementDataType(ORT_API_CALL*)(const OrtCustomOp*, size_t);
+
+OrtCustomOp make_group_norm_op(ProviderFn provider, TypeFn input_type, TypeFn output_type) {
   OrtCustomOp op;
   std::memset(&op, 0, sizeof(op));
   op.version = kApiVersion;
   op.GetName = group_norm_name;
-  op.GetExecutionProviderType = cpu_provider;
-  op.GetInputType = float_type;
+  op.GetExecutionProviderType = provider;
+  op.GetInputType = input_type;
   op.GetInputTypeCount = three;
-  op.GetOutputType = float_type;
+  op.GetOutputType = output_type;
   op.GetOutputTypeCount = one;
   op.GetInputCharacteristic = required;
   op.GetOutputCharacteristic = required;
@@ -206,7 +254,11 @@ OrtCustomOp make_group_norm_op() {
   return op;
 }
 
-const OrtCustomOp kGroupNorm = make_group_norm_op();
+const OrtCustomOp kGroupNorm = make_group_norm_op(cpu_provider, float_type, float_type);
+#ifdef SDRT_WITH_CUDA
+const OrtCustomOp kGroupNormCuda = make_group_norm_op(cuda_provider, float_type, float_type);
+const OrtCustomOp kGroupNormCudaHalf = make_group_norm_op(cuda_provider, half_input_type, half_type);
+#endif
 
 }  // namespace
 
@@ -216,6 +268,10 @@ extern "C" SDRT_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions*
   OrtCustomOpDomain* domain = nullptr;
   SDRT_RETURN_IF_ERROR(g_api->CreateCustomOpDomain(kDomain, &domain));
   SDRT_RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &kGroupNorm));
+#ifdef SDRT_WITH_CUDA
+  SDRT_RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &kGroupNormCuda));
+  SDRT_RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &kGroupNormCudaHalf));
+#endif
   // The domain must outlive every session that uses it: it is kept for the process's lifetime
   return g_api->AddCustomOpDomain(options, domain);
 }

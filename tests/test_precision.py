@@ -1,0 +1,186 @@
+"""Reduced precision: int8 CPU graphs, fp16 CUDA graphs, their measured fidelity and the runtime's choice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import run_sdrt
+from sdrt.export import precision
+from sdrt.export.reference import psnr
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.pipeline import GenerationParams, Pipeline
+from sdrt.runtime.sessions import Session
+
+
+@pytest.fixture(scope="module")
+def precise_bundle(tmp_path_factory, tiny_checkpoint) -> tuple[Path, str]:
+    """The tiny model exported with int8 and fp16 variants by the CLI; (bundle, stdout)."""
+    out = tmp_path_factory.mktemp("precision") / "tiny-int8-fp16"
+    r = run_sdrt("export", tiny_checkpoint, out, "--precision", "int8", "--precision", "fp16")
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
+
+
+def _matmul_model(tmp_path: Path) -> Path:
+    """sample [1, 16, 64] -> MatMul W1 -> Add b -> MatMul W2 -> out; context [1, 8, 64] -> MatMul Wc -> ctx_out."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) * 0.1, "W1"),
+             numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32) * 0.1, "W2"),
+             numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) * 0.1, "Wc")]
+    nodes = [helper.make_node("MatMul", ["sample", "W1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "b"], ["hb"], name="add"),
+             helper.make_node("MatMul", ["hb", "W2"], ["out"], name="mm2"),
+             helper.make_node("MatMul", ["context", "Wc"], ["ctx_out"], name="mmc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [1, 16, 64]),
+                                           helper.make_tensor_value_info("context", TensorProto.FLOAT, [1, 8, 64])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 16, 32]),
+                               helper.make_tensor_value_info("ctx_out", TensorProto.FLOAT, [1, 8, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    path = tmp_path / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=0)
+    return path
+
+
+def test_image_stream_matmuls(tmp_path):
+    model = onnx.load(str(_matmul_model(tmp_path)), load_external_data=False)
+    assert precision.image_stream_matmuls(model) == {"mm1", "mm2"}  # not the context projection
+    assert precision.image_stream_matmuls(model, "context") == {"mmc"}
+
+
+def test_quantize_int8_shares_what_it_keeps(tmp_path):
+    src = _matmul_model(tmp_path)
+    dst = tmp_path / "model.cpu-int8.onnx"
+    report = precision.quantize_int8(src, dst)
+    assert report.counts == {"MatMulInteger": 2}  # mm1, mm2; the context MatMul stays fp32
+    model = onnx.load(str(dst), load_external_data=False)
+    where = {t.name: {e.key: e.value for e in t.external_data}.get("location") for t in model.graph.initializer}
+    assert where["b"] == "model.onnx_data" and where["Wc"] == "model.onnx_data"  # unchanged: shared
+    assert not any(name in where for name in ("W1", "W2"))  # replaced by their int8 forms
+    assert report.shared_bytes == (64 + 64 * 64) * 4
+    own = (tmp_path / "model.cpu-int8.onnx_data").stat().st_size if report.own_bytes else 0
+    assert own == report.own_bytes and own < (64 * 64 + 64 * 32) * 4 / 2  # int8 weights, not fp32 copies
+    assert not list(tmp_path.glob(".*partial*")) and not list(tmp_path.glob(".quantize-*"))
+
+    rng = np.random.default_rng(1)
+    feeds = {"sample": rng.standard_normal((1, 16, 64)).astype(np.float32),
+             "context": rng.standard_normal((1, 8, 64)).astype(np.float32)}
+    ref, ours = Session(src).run(feeds), Session(dst).run(feeds)
+    np.testing.assert_array_equal(ref["ctx_out"], ours["ctx_out"])
+    assert 30 < psnr(ref["out"], ours["out"]) < 80  # quantized: close, not equal
+
+
+def test_export_writes_and_measures_each_precision(precise_bundle):
+    bundle, stdout = precise_bundle
+    m = json.loads((bundle / "sdrt.json").read_text())
+    unet = m["components"]["unet"]["optimized"]
+    assert unet["cpu-int8"]["path"] == "unet/model.cpu-int8.onnx" and unet["cpu-int8"]["quantized"]["MatMulInteger"] > 0
+    assert all("cpu-int8" not in m["components"][n].get("optimized", {}) for n in ("text_encoder", "vae_decoder"))
+    assert all(m["components"][n]["optimized"]["cuda-fp16"]["fp32_nodes"] > 0
+               for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder"))
+    int8 = m["precisions"]["cpu"]["int8"]
+    runs = int8["fidelity"]["runs"]
+    assert [r["sampler"] for r in runs] == ["Euler a", "DPM++ 2M"]
+    assert all(r["image_psnr"] is None or 5 < r["image_psnr"] < 100 for r in runs)
+    worst = min(99.0 if r["image_psnr"] is None else r["image_psnr"] for r in runs)
+    assert int8["default"] == (worst >= precision.DEFAULT_MIN_PSNR)
+    assert m["precisions"]["cuda"]["fp16"] == {**m["precisions"]["cuda"]["fp16"], "fidelity": None, "default": False}
+    assert "int8 (cpu): final image" in stdout and "fp16 (cuda): not measured at export" in stdout
+    # The int8 graph adds its int8 weights only; fp16 graphs hold half-size copies
+    data = (bundle / "unet" / "model.onnx_data").stat().st_size
+    assert (bundle / "unet" / "model.cpu-int8.onnx_data").stat().st_size < data / 3
+    assert (bundle / "unet" / "model.cuda-fp16.onnx_data").stat().st_size < data * 0.6
+    assert not list(bundle.parent.glob(".*partial*"))
+
+
+def test_runtime_picks_the_precision(precise_bundle, tmp_path):
+    bundle, _ = precise_bundle
+    pipe = Pipeline(bundle, precision="int8")
+    assert Path(pipe.unet.path).name == "model.cpu-int8.onnx"
+    assert Path(pipe.vae_decoder.path).name == "model.cpu.onnx"  # int8 leaves the VAE in fp32
+    p = GenerationParams("a red circle", steps=4, seed=3, sampler="DPM++ 2M")
+    int8 = np.asarray(pipe.generate(p)[0].image, dtype=np.float64)
+    fp32 = np.asarray(Pipeline(bundle, precision="fp32").generate(p)[0].image, dtype=np.float64)
+    assert 10 < psnr(fp32, int8, peak=255.0) < 100
+
+    # auto: fp32 unless the export's measurement made int8 the CPU default
+    copy = shutil.copytree(bundle, tmp_path / "copy")
+    m = json.loads((copy / "sdrt.json").read_text())
+    for default in (False, True):
+        m["precisions"]["cpu"]["int8"]["default"] = default
+        (copy / "sdrt.json").write_text(json.dumps(m))
+        auto = Pipeline(copy)
+        assert auto.precision == ("int8" if default else "fp32")
+        assert Path(auto.unet.path).name == ("model.cpu-int8.onnx" if default else "model.cpu.onnx")
+
+
+def test_precision_errors(precise_bundle, tiny_bundle):
+    bundle, _ = precise_bundle
+    with pytest.raises(SdrtError, match=r"bundle tiny-sd1 has no int8 graphs for cpu \(export them with `sdrt export --precision int8`\)"):
+        Pipeline(tiny_bundle, precision="int8")
+    with pytest.raises(SdrtError, match="fp16 graphs are made for the cuda device"):
+        Pipeline(bundle, precision="fp16")
+    with pytest.raises(SdrtError, match="unknown precision 'bf16'"):
+        Pipeline(bundle, precision="bf16")
+    r = run_sdrt("generate", "x", "--model", tiny_bundle, "--precision", "int8", "--steps", 1)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: bundle tiny-sd1 has no int8 graphs for cpu")
+
+
+def test_fp16_graphs_keep_fp32_io_and_agree(precise_bundle):
+    """fp16 graphs run on ONNX Runtime's CPU kernels too: fp32 in and out, close to fp32."""
+    bundle, _ = precise_bundle
+    half = Session(bundle / "unet" / "model.cuda-fp16.onnx")
+    assert {p.type for p in half.inputs.values()} == {"tensor(float)"}
+    model = onnx.load(str(bundle / "unet" / "model.cuda-fp16.onnx"), load_external_data=False)
+    weights = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    assert weights and all(t.data_type == TensorProto.FLOAT16 for t in weights)  # ONNX Runtime checked the types
+    kept = [n for n in model.graph.node if n.op_type in ("Softmax", "LayerNormalization", "InstanceNormalization")]
+    assert kept and all(n.op_type in precision.FP16_KEEP_FP32 for n in kept)
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
+             "timestep": np.array([999.0, 999.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 32)).astype(np.float32)}
+    ref = Session(bundle / "unet" / "model.onnx").run(feeds)["out_sample"]
+    out = half.run(feeds)["out_sample"]
+    assert out.dtype == np.float32 and 40 < psnr(ref, out) < 100
+
+
+def test_half_vae_nan_is_retried_in_fp32(precise_bundle, caplog):
+    """Latents that overflow fp16 inside the VAE: the fp16 graph gives NaN/Inf, the pipeline warns,
+    switches to the fp32 graph and decodes the same image the fp32 pipeline does."""
+    bundle, _ = precise_bundle
+    pipe = Pipeline(bundle)
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32) * 2e4
+    expected = pipe.decode_float(latents)
+    half = bundle / "vae_decoder" / "model.cuda-fp16.onnx"
+    scaled = latents / np.float32(pipe.bundle.latent_scale_factor)
+    assert not np.isfinite(Session(half).run({"latent_sample": scaled})["sample"]).all()  # the premise
+    pipe.vae_decoder = Session(half)
+    with caplog.at_level("WARNING"):
+        got = pipe.decode_float(latents)
+    assert "retrying with the fp32 graph" in caplog.text
+    np.testing.assert_array_equal(got, expected)
+    assert Path(pipe.vae_decoder.path).name == "model.cpu.onnx"
+
+
+def test_verify_measures_a_precision_against_torch(precise_bundle, tiny_checkpoint):
+    from sdrt.export.reference import verify_bundle
+
+    bundle, _ = precise_bundle
+    p = GenerationParams("a red circle", steps=4, seed=2, sampler="DPM++ 2M")
+    fp32 = verify_bundle(bundle, tiny_checkpoint, p)
+    int8 = verify_bundle(bundle, tiny_checkpoint, p, precision="int8")
+    assert int8["request"]["precision"] == "int8" and fp32["request"]["precision"] == "fp32"
+    assert fp32["stages"]["unet"]["psnr"] > 80
+    assert 20 < int8["stages"]["unet"]["psnr"] < fp32["stages"]["unet"]["psnr"]
+    assert int8["stages"]["text_encoder"]["psnr"] == fp32["stages"]["text_encoder"]["psnr"]  # fp32 in both
+
