@@ -2,8 +2,11 @@
 
 Peers: torch eager (SDPA or classic attention), ONNX Runtime on the portable graph, and on the
 graph ``sdrt export`` optimizes for the CPU (``model.cpu.onnx``: fused GroupNorm+SiLU in sdrt's
-kernels, MultiHeadAttention, Gelu), and on its int8 form (``sdrt export --precision int8``:
-the image-token MatMuls quantized dynamically); and OpenVINO's CPU plugin on the portable graph when
+kernels, MultiHeadAttention, Gelu), on its int8 form (``sdrt export --precision int8``:
+the image-token MatMuls quantized dynamically) and on its static int8 form (``--precision
+int8-static``: convolutions and MatMuls in int8 with activation ranges calibrated beforehand;
+here, with random weights and no generations to record, on unit-normal latents and contexts at
+five timesteps at 256x256, not the measured input); and OpenVINO's CPU plugin on the portable graph when
 ``openvino`` is installed (what CPU users of FastSD run; at its best precision on this CPU).
 ``--profile`` saves ONNX Runtime's time per op type of the ONNX Runtime graphs.
 
@@ -75,11 +78,16 @@ def main(argv=None) -> int:
     int8 = graph.with_name(f"model.{export_precision.INT8_SUFFIX}.onnx")
     quantized = export_precision.quantize_int8(fused, int8)  # as `sdrt export --precision int8` does
     print(f"quantization: {quantized.summary()}", flush=True)
+    static = graph.with_name(f"model.{export_precision.INT8_STATIC_SUFFIX}.onnx")
+    calibration = [_random_feeds(np.random.default_rng(t), 32, float(t)) for t in (999, 750, 500, 250, 1)]
+    quantized_static = export_precision.quantize_int8_static(graph, static, calibration)
+    print(f"static quantization: {quantized_static.summary()}", flush=True)
     files = {p.name: p.stat().st_size for p in graph.parent.iterdir()}
     print(f"exported {graph} ({', '.join(f'{k} {v / 2**20:.0f} MB' for k, v in files.items())})", flush=True)
     # One peer loaded at a time (loaded, timed, released): all of them together with torch's
     # model would not fit in this machine's 24 GB at 512x512
-    graphs = {"onnxruntime-cpu": graph, "onnxruntime-cpu-fused": fused, "onnxruntime-cpu-int8": int8}
+    graphs = {"onnxruntime-cpu": graph, "onnxruntime-cpu-fused": fused, "onnxruntime-cpu-int8": int8,
+              "onnxruntime-cpu-int8-static": static}
     openvino = _openvino(args.threads) if args.openvino else None
     if args.openvino and openvino is None:
         print("openvino: not installed (pip install openvino), peer left out", flush=True)
@@ -92,13 +100,8 @@ def main(argv=None) -> int:
               "threads": args.threads, "peak_host_mb": None, "peak_device_mb": None,
               "peak_host_method": "not measured (both peers share one process)"}
     for size in args.sizes:
-        lat = size // 8
-        rng = np.random.default_rng(size)
-        x = rng.standard_normal((2, 4, lat, lat), dtype=np.float32)
-        t = np.full((2,), 500.0, np.float32)
-        ctx = rng.standard_normal((2, 77, 768), dtype=np.float32)
-        feeds = {"sample": x, "timestep": t, "encoder_hidden_states": ctx}
-        xt, tt, ct = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)
+        feeds = _random_feeds(np.random.default_rng(size), size // 8, 500.0)
+        xt, tt, ct = (torch.from_numpy(feeds[k]) for k in ("sample", "timestep", "encoder_hidden_states"))
 
         def run_torch():
             with torch.no_grad():
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
         torch_name = f"torch-{args.attention}"
         rows = [(torch_name, "torch", t_torch, {"against": f"{torch_name}-fp32", "reference": True}, "fp32")]
         line = [f"{size}x{size}: {torch_name} fp32 {t_torch['median_s']:.2f} s"]
-        loaders = {name: (lambda p=path: _ort_peer(Session(p, "cpu", threads=args.threads), feeds))
+        loaders = {name: (lambda p=p: _ort_peer(Session(p, "cpu", threads=args.threads), feeds))
                    for name, p in graphs.items()}
         if openvino is not None:
             loaders["openvino-cpu"] = lambda: openvino(graph, feeds)
@@ -119,7 +122,7 @@ def main(argv=None) -> int:
             timing = bench.time_fn(run, repeats=args.repeats)
             runtime = "openvino" if name.startswith("openvino") else "sdrt"
             precision = ({"f32": "fp32", "f16": "fp16", "bf16": "bf16"}[openvino.hint] if runtime == "openvino"
-                         else "int8" if name.endswith("-int8") else "fp32")
+                         else "int8" if "-int8" in name else "fp32")
             rows.append((name, runtime, timing, {"against": f"{torch_name}-fp32", **bench.fidelity(ref, ours)},
                          precision))
             line.append(f"{name} {precision} {timing['median_s']:.2f} s "
@@ -129,7 +132,7 @@ def main(argv=None) -> int:
         print(", ".join(line) + " per guided UNet run", flush=True)
         workload = {"name": "sd15-unet-random", "description": "the SD 1.5 UNet alone, seeded random weights",
                     "params": params, "width": size, "height": size, "batch": 2}
-        shapes = {"sample": list(x.shape), "timestep": list(t.shape), "encoder_hidden_states": list(ctx.shape)}
+        shapes = {k: list(v.shape) for k, v in feeds.items()}
         for name, runtime, timing, fid, precision in rows:
             options = {"attention": args.attention} if runtime == "torch" else {}
             if name.endswith("-fused"):
@@ -137,6 +140,10 @@ def main(argv=None) -> int:
             if name.endswith("-int8"):
                 options = {"graph": int8.name, "passes": report.counts(), "quantized": quantized.counts,
                            "scheme": "dynamic: int8 symmetric per-tensor weights, uint8 per-run activations"}
+            if name.endswith("-int8-static"):
+                options = {"graph": static.name, "quantized": quantized_static.counts,
+                           "scheme": "static: int8 symmetric per-channel weights, uint8 activations with ranges "
+                                     "calibrated on unit-normal latents and contexts at t = 999, 750, 500, 250, 1"}
             if runtime == "openvino":
                 options = {"graph": "model.onnx", "openvino": openvino.version, "shapes": "static per size",
                            "precision_hint": openvino.hint, "capabilities": openvino.capabilities}
@@ -152,6 +159,13 @@ def main(argv=None) -> int:
                 top = ", ".join(f"{k} {v['share']:.0%}" for k, v in list(summary.items())[:6])
                 print(f"  profile {name}: {top} -> {out}", flush=True)
     return 0
+
+
+def _random_feeds(rng, latent: int, t: float) -> dict[str, np.ndarray]:
+    """A guided step's UNet inputs: unit-normal latents and text states, batch 2, timestep ``t``."""
+    return {"sample": rng.standard_normal((2, 4, latent, latent), dtype=np.float32),
+            "timestep": np.full((2,), t, np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 768), dtype=np.float32)}
 
 
 def _ort_peer(session, feeds):

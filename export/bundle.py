@@ -22,6 +22,7 @@ from sdrt.export.configs import sd1_configs
 from sdrt.runtime import spec as specs
 from sdrt.runtime.bundle import FORMAT_VERSION, MANIFEST, file_sha256
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.precision import PRECISION_KINDS
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -272,36 +273,49 @@ def _optimize_component(path: Path) -> dict:
 def _write_precisions(tmp: Path, manifest: dict, precisions: tuple[str, ...], optimize: bool,
                       progress: Progress | None) -> dict:
     """Add the reduced-precision variants to a written bundle, measure each, return the manifest."""
+    import onnx
+
+    from sdrt.export.passes import SDRT_DOMAIN
+
     for precision in precisions:
         if precision == "fp32":
             continue
-        kind, suffix = {"int8": ("cpu", precision_mod.INT8_SUFFIX), "fp16": ("cuda", precision_mod.FP16_SUFFIX)}[precision]
+        kind, suffix = PRECISION_KINDS[precision], precision_mod.SUFFIXES[precision]
         if progress:
             progress(f"writing {precision} graphs", 0, 2)
-        names = ("unet",) if precision == "int8" else COMPONENTS
+        names = COMPONENTS if precision == "fp16" else ("unet",)
+        calibration = (precision_mod.calibration_feeds(tmp) if precision == "int8-static" else None)
         details = {}
         for name in names:
             entry = manifest["components"][name]
             portable = tmp / entry["path"]
             target = portable.with_name(f"model.{suffix}.onnx")
+            if precision == "fp16":
+                counts = precision_mod.convert_fp16(portable, target)
+                variant = {"path": f"{name}/{target.name}", "precision": "fp16", **counts}
+                details[name] = counts
+                entry.setdefault("optimized", {})[f"{kind}-{precision}"] = variant
+                continue
+            onnx_export.externalize(portable)
             if precision == "int8":
                 # From the fused CPU graph when there is one: the quantized MatMuls then sit between
                 # sdrt's GroupNorm and ONNX Runtime's MultiHeadAttention, as in model.cpu.onnx
                 fused = entry.get("optimized", {}).get("cpu") if optimize else None
-                source = tmp / fused["path"] if fused else portable
-                onnx_export.externalize(portable)
-                report = precision_mod.quantize_int8(source, target)
-                log.info("%s: %s", name, report.summary())
-                variant = {"path": f"{name}/{target.name}", "precision": "int8", "quantized": report.counts,
-                           "custom_ops": bool((fused or {}).get("custom_ops"))}
-                details[name] = report.counts
+                report = precision_mod.quantize_int8(tmp / fused["path"] if fused else portable, target)
             else:
-                counts = precision_mod.convert_fp16(portable, target)
-                variant = {"path": f"{name}/{target.name}", "precision": "fp16", **counts}
-                details[name] = counts
-            entry.setdefault("optimized", {})[f"{kind}-{precision}"] = variant
+                # From the portable graph (the calibration runs it on plain ONNX Runtime), fused after
+                report = precision_mod.quantize_int8_static(portable, target, calibration, optimize=optimize)
+            log.info("%s: %s", name, report.summary())
+            custom_ops = any(o.domain == SDRT_DOMAIN for o in onnx.load(str(target), load_external_data=False).opset_import)
+            entry.setdefault("optimized", {})[f"{kind}-{precision}"] = {
+                "path": f"{name}/{target.name}", "precision": precision, "quantized": report.counts,
+                "custom_ops": custom_ops}
+            details[name] = report.counts
         record = {"components": details, "min_default_psnr": precision_mod.DEFAULT_MIN_PSNR, "fidelity": None,
                   "default": False}
+        if calibration is not None:
+            record["calibration"] = {"prompts": list(precision_mod.CALIBRATION_PROMPTS),
+                                     "seed": precision_mod.CALIBRATION_SEED, "feeds": len(calibration)}
         manifest.setdefault("precisions", {}).setdefault(kind, {})[precision] = record
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         # fp16 is measured where the export finds ONNX Runtime's CUDA provider; elsewhere it stays

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sdrt.runtime import kernels
 from sdrt.runtime.errors import CheckpointError
+from sdrt.runtime.precision import PRECISION_KINDS, int8_saturates
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,21 @@ class Bundle:
 
     def default_precision(self, device: str = "cpu") -> str:
         """What ``--precision auto`` runs on ``device``: an exported reduced precision whose
-        measured final-image PSNR against fp32 met the bar (``default`` in its record), else fp32."""
-        return next((p for p, r in self.precisions(device).items() if r.get("default")), "fp32")
+        measured final-image PSNR against fp32 met the bar (``default`` in its record), else fp32;
+        the fastest such one when several did (int8-static, then int8)."""
+        passed = {p for p, r in self.precisions(device).items() if r.get("default") and self._holds_here(p, r)}
+        return next((p for p in ("int8-static", "int8", "fp16") if p in passed), "fp32")
+
+    @staticmethod
+    def _holds_here(precision: str, record: dict) -> bool:
+        """Whether an export's measurement of ``precision`` holds on this machine: int8 measured
+        where int8 products are exact does not where they saturate (x86 without VNNI)."""
+        if PRECISION_KINDS.get(precision) != "cpu" or not int8_saturates():
+            return True
+        if not (record.get("fidelity") or {}).get("int8_saturates", True):
+            log.info("%s: measured on a CPU with VNNI; this one saturates int8 products, so auto runs fp32", precision)
+            return False
+        return True
 
     def has(self, name: str) -> bool:
         return name in self.manifest["components"] and self.component(name).exists()

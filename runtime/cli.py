@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from sdrt.runtime import __version__
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.precision import PRECISIONS
 
 
 def _friendly(fn):
@@ -90,9 +91,10 @@ def main(verbose: bool):
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda[:N] (ONNX Runtime CUDA), tensorrt[:N] (ONNX Runtime's TensorRT EP) or trt[:N] "
               "(engines from `sdrt build`).")
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "int8", "fp16"]),
-              help="Graph precision: auto = the bundle's measured default for the device (int8 on cpu only "
-              "when its export measured >= 35 dB against fp32), int8 (cpu) or fp16 (cuda) when exported.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", *PRECISIONS]),
+              help="Graph precision: auto = the bundle's measured default for the device (an int8 variant on "
+              "cpu only when its export measured >= 35 dB against fp32), int8 / int8-static (cpu) or fp16 "
+              "(cuda) when exported.")
 @click.option("--no-half-vae", is_flag=True, help="Keep the VAE in fp32 at reduced precision (the webui's flag).")
 @click.option("-o", "--output", default="outputs", show_default=True, type=click.Path(file_okay=False),
               help="Output folder.")
@@ -134,8 +136,10 @@ def generate(prompt, negative_prompt, model, steps, sampler, scheduler, cfg_scal
 @main.command("export")
 @click.argument("checkpoint", type=click.Path())
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "int8", "fp16"]),
-              help="Also write reduced-precision graphs (repeatable): int8 = the CPU UNet quantized, measured "
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(list(PRECISIONS)),
+              help="Also write reduced-precision graphs (repeatable): int8 = the CPU UNet's MatMuls quantized "
+              "dynamically; int8-static = its convolutions and MatMuls, activation ranges calibrated at export; "
+              "each measured "
               "against fp32 and the CPU default at >= 35 dB; fp16 = every component for --device cuda. fp32 is "
               "always written.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
@@ -177,7 +181,7 @@ def _precision_line(kind: str, name: str, record: dict) -> str:
 @click.option("-W", "--width", default=None, type=int)
 @click.option("-H", "--height", default=None, type=int)
 @click.option("--device", default="cpu", show_default=True, help="Device the bundle's graphs run on.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["auto", "fp32", "int8", "fp16"]),
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["auto", *PRECISIONS]),
               help="Precision of the bundle's graphs (the reference stays fp32).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_friendly

@@ -15,6 +15,7 @@ from sdrt.runtime import __version__, png, sampling, schedules, tiling
 from sdrt.runtime.bundle import Bundle, open_bundle
 from sdrt.runtime.denoiser import CFGDenoiser, Denoiser, EpsTimestepModel, LCMDenoiser
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.precision import resolve_precision
 from sdrt.runtime.rng import BrownianTreeNoise, ImageRNG
 from sdrt.runtime.sessions import Session
 from sdrt.runtime.spec import ComponentSpec
@@ -27,7 +28,6 @@ RNG_SOURCES = ("cpu", "gpu", "nv")
 # VAE are loaded for their stage and released; low: every graph only for its stage (docs/NVIDIA.md)
 MEMORY_MODES = ("normal", "med", "low")
 MAX_SEED = 2**32 - 1
-PRECISIONS = ("fp32", "fp16", "int8")  # int8: CPU graphs; fp16: CUDA graphs (sdrt.export.precision)
 
 
 @dataclass
@@ -67,27 +67,6 @@ class GeneratedImage:
     image: Image.Image
     seed: int
     infotext: str
-
-
-def resolve_precision(bundle: Bundle, device: str, precision: str) -> str:
-    """The precision a pipeline runs: ``auto`` is the device's measured default (see
-    :meth:`Bundle.default_precision`); a named one must have been exported for the device kind."""
-    kind = device.split(":")[0]
-    if precision == "auto":
-        return bundle.default_precision(device) if kind in ("cpu", "cuda") else "fp32"
-    if precision not in PRECISIONS:
-        raise SdrtError(f"unknown precision {precision!r}; valid: auto, {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return precision
-    if kind not in ("cpu", "cuda"):
-        raise SdrtError(f"--precision {precision} applies to the cpu and cuda devices; TensorRT engines take "
-                        "theirs from `sdrt build --precision`")
-    if precision not in bundle.precisions(device):
-        where = {"int8": "cpu", "fp16": "cuda"}[precision]
-        hint = (f"export them with `sdrt export --precision {precision}`" if where == kind
-                else f"{precision} graphs are made for the {where} device")
-        raise SdrtError(f"bundle {bundle.name} has no {precision} graphs for {kind} ({hint})")
-    return precision
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:

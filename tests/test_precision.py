@@ -23,7 +23,8 @@ from sdrt.runtime.sessions import Session
 def precise_bundle(tmp_path_factory, tiny_checkpoint) -> tuple[Path, str]:
     """The tiny model exported with int8 and fp16 variants by the CLI; (bundle, stdout)."""
     out = tmp_path_factory.mktemp("precision") / "tiny-int8-fp16"
-    r = run_sdrt("export", tiny_checkpoint, out, "--precision", "int8", "--precision", "fp16")
+    r = run_sdrt("export", tiny_checkpoint, out, "--precision", "int8", "--precision", "fp16",
+                 "--precision", "int8-static")
     assert r.returncode == 0, r.stderr
     return out, r.stdout
 
@@ -78,6 +79,51 @@ def test_quantize_int8_shares_what_it_keeps(tmp_path):
     assert 30 < psnr(ref["out"], ours["out"]) < 80  # quantized: close, not equal
 
 
+def _conv_model(tmp_path: Path) -> Path:
+    """sample [1, 4, 16, 16] -> conv_in (4->16) -> Relu -> conv_a (16->16) -> conv_b (16->16) -> conv_out (16->4)."""
+    rng = np.random.default_rng(0)
+    shapes = {"conv_in": (16, 4), "conv_a": (16, 16), "conv_b": (16, 16), "conv_out": (4, 16)}
+    inits, nodes, x = [], [], "sample"
+    for name, (cout, cin) in shapes.items():
+        inits += [numpy_helper.from_array((rng.standard_normal((cout, cin, 3, 3)) / (3 * cin**0.5)).astype(np.float32),
+                                          f"{name}.weight"),
+                  numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * 0.1, f"{name}.bias")]
+        y = "out_sample" if name == "conv_out" else f"{name}_out"
+        nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [y], name=name, pads=[1, 1, 1, 1]))
+        x = y
+        if name == "conv_in":
+            nodes.append(helper.make_node("Relu", [x], ["relu_out"], name="relu"))
+            x = "relu_out"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [1, 4, 16, 16])],
+                              [helper.make_tensor_value_info("out_sample", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
+    path = tmp_path / "model.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path),
+                    save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx_data",
+                    size_threshold=0)
+    return path
+
+
+def test_quantize_int8_static(tmp_path):
+    src = _conv_model(tmp_path)
+    rng = np.random.default_rng(1)
+    calibration = [{"sample": rng.standard_normal((1, 4, 16, 16)).astype(np.float32)} for _ in range(8)]
+    dst = tmp_path / "model.cpu-int8-static.onnx"
+    report = precision.quantize_int8_static(src, dst, calibration)
+    assert report.counts == {"QLinearConv": 2}  # conv_a, conv_b; the first and last stay fp32
+    model = onnx.load(str(dst), load_external_data=False)
+    assert sorted(n.name for n in model.graph.node if n.op_type == "Conv") == ["conv_in", "conv_out"]
+    where = {t.name: {e.key: e.value for e in t.external_data}.get("location") for t in model.graph.initializer}
+    assert where["conv_in.weight"] == where["conv_out.weight"] == "model.onnx_data"  # unchanged: shared
+    assert report.shared_bytes == (16 * 4 * 9 + 16 + 4 * 16 * 9 + 4) * 4
+    assert not list(tmp_path.glob(".*partial*")) and not list(tmp_path.glob(".quantize-*"))
+    with pytest.raises(ValueError, match="calibration feeds"):
+        precision.quantize_int8_static(src, tmp_path / "other.onnx", [])
+
+    feeds = {"sample": np.random.default_rng(2).standard_normal((1, 4, 16, 16)).astype(np.float32)}  # held out
+    ref, ours = Session(src).run(feeds)["out_sample"], Session(dst).run(feeds)["out_sample"]
+    assert 25 < psnr(ref, ours) < 80  # quantized: close, not equal
+
+
 def test_export_writes_and_measures_each_precision(precise_bundle):
     bundle, stdout = precise_bundle
     m = json.loads((bundle / "sdrt.json").read_text())
@@ -94,6 +140,13 @@ def test_export_writes_and_measures_each_precision(precise_bundle):
     assert int8["default"] == (worst >= precision.DEFAULT_MIN_PSNR)
     assert m["precisions"]["cuda"]["fp16"] == {**m["precisions"]["cuda"]["fp16"], "fidelity": None, "default": False}
     assert "int8 (cpu): final image" in stdout and "fp16 (cuda): not measured at export" in stdout
+    assert "int8-static (cpu): final image" in stdout
+    static = m["precisions"]["cpu"]["int8-static"]
+    assert unet["cpu-int8-static"]["path"] == "unet/model.cpu-int8-static.onnx"
+    assert unet["cpu-int8-static"]["quantized"]["QLinearConv"] > 0 and unet["cpu-int8-static"]["custom_ops"]
+    assert static["calibration"]["feeds"] > 0 and static["calibration"]["prompts"] == list(precision.CALIBRATION_PROMPTS)
+    assert [r["sampler"] for r in static["fidelity"]["runs"]] == ["Euler a", "DPM++ 2M"]
+    assert static["fidelity"]["int8_saturates"] in (True, False)
     # The int8 graph adds its int8 weights only; fp16 graphs hold half-size copies
     data = (bundle / "unet" / "model.onnx_data").stat().st_size
     assert (bundle / "unet" / "model.cpu-int8.onnx_data").stat().st_size < data / 3
@@ -114,12 +167,40 @@ def test_runtime_picks_the_precision(precise_bundle, tmp_path):
     # auto: fp32 unless the export's measurement made int8 the CPU default
     copy = shutil.copytree(bundle, tmp_path / "copy")
     m = json.loads((copy / "sdrt.json").read_text())
+    m["precisions"]["cpu"]["int8-static"]["default"] = False
     for default in (False, True):
         m["precisions"]["cpu"]["int8"]["default"] = default
         (copy / "sdrt.json").write_text(json.dumps(m))
         auto = Pipeline(copy)
         assert auto.precision == ("int8" if default else "fp32")
         assert Path(auto.unet.path).name == ("model.cpu-int8.onnx" if default else "model.cpu.onnx")
+    # both int8 variants passed: the faster static one
+    m["precisions"]["cpu"]["int8-static"]["default"] = True
+    (copy / "sdrt.json").write_text(json.dumps(m))
+    assert Path(Pipeline(copy).unet.path).name == "model.cpu-int8-static.onnx"
+
+    static = Pipeline(bundle, precision="int8-static")
+    assert Path(static.unet.path).name == "model.cpu-int8-static.onnx"
+    image = np.asarray(static.generate(p)[0].image, dtype=np.float64)
+    assert 10 < psnr(fp32, image, peak=255.0) < 100
+
+
+def test_auto_int8_only_where_its_measurement_holds(precise_bundle, tmp_path, monkeypatch):
+    """An int8 default measured on a CPU with VNNI is not taken on one whose int8 products
+    saturate (x86 without VNNI); one measured on such a CPU is. The CPU's features cannot be
+    changed in a test, so the detector's answer is replaced."""
+    import sdrt.runtime.bundle as bundle_mod
+
+    copy = shutil.copytree(precise_bundle[0], tmp_path / "copy")
+    m = json.loads((copy / "sdrt.json").read_text())
+    m["precisions"]["cpu"]["int8-static"]["default"] = False
+    m["precisions"]["cpu"]["int8"]["default"] = True
+    for measured_saturating, here_saturating, expected in ((False, False, "int8"), (False, True, "fp32"),
+                                                          (True, True, "int8"), (True, False, "int8")):
+        m["precisions"]["cpu"]["int8"]["fidelity"]["int8_saturates"] = measured_saturating
+        (copy / "sdrt.json").write_text(json.dumps(m))
+        monkeypatch.setattr(bundle_mod, "int8_saturates", lambda: here_saturating)
+        assert bundle_mod.open_bundle(copy).default_precision("cpu") == expected
 
 
 def test_precision_errors(precise_bundle, tiny_bundle):
@@ -184,3 +265,16 @@ def test_verify_measures_a_precision_against_torch(precise_bundle, tiny_checkpoi
     assert 20 < int8["stages"]["unet"]["psnr"] < fp32["stages"]["unet"]["psnr"]
     assert int8["stages"]["text_encoder"]["psnr"] == fp32["stages"]["text_encoder"]["psnr"]  # fp32 in both
 
+
+
+def test_int8_saturates_reads_the_cpu():
+    """The detector (numpy's CPU feature table) agrees with the kernel's CPU flags."""
+    import platform
+
+    from sdrt.runtime.precision import int8_saturates
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not cpuinfo.exists():
+        pytest.skip("reads /proc/cpuinfo on x86-64 Linux")
+    flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
+    assert int8_saturates() == ("avx512_vnni" not in flags and "avx_vnni" not in flags)

@@ -1,0 +1,54 @@
+"""Graph precisions: which exist, which device kind each is made for, and which one a pipeline runs.
+
+Light on imports: the CLI reads the names for its options."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sdrt.runtime.errors import SdrtError
+
+if TYPE_CHECKING:
+    from sdrt.runtime.bundle import Bundle
+
+# The device kind each reduced precision's graphs are made for (sdrt.export.precision): int8 and
+# int8-static CPU graphs, fp16 CUDA graphs
+PRECISION_KINDS = {"int8": "cpu", "int8-static": "cpu", "fp16": "cuda"}
+PRECISIONS = ("fp32", *PRECISION_KINDS)
+
+
+def resolve_precision(bundle: Bundle, device: str, precision: str) -> str:
+    """The precision a pipeline runs: ``auto`` is the device's measured default (see
+    :meth:`Bundle.default_precision`); a named one must have been exported for the device kind."""
+    kind = device.split(":")[0]
+    if precision == "auto":
+        return bundle.default_precision(device) if kind in ("cpu", "cuda") else "fp32"
+    if precision not in PRECISIONS:
+        raise SdrtError(f"unknown precision {precision!r}; valid: auto, {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return precision
+    if kind not in ("cpu", "cuda"):
+        raise SdrtError(f"--precision {precision} applies to the cpu and cuda devices; TensorRT engines take "
+                        "theirs from `sdrt build --precision`")
+    if precision not in bundle.precisions(device):
+        where = PRECISION_KINDS[precision]
+        hint = (f"export them with `sdrt export --precision {precision}`" if where == kind
+                else f"{precision} graphs are made for the {where} device")
+        raise SdrtError(f"bundle {bundle.name} has no {precision} graphs for {kind} ({hint})")
+    return precision
+
+
+def int8_saturates() -> bool:
+    """Whether this CPU's int8 products can saturate in ONNX Runtime's u8 x s8 kernels: x86 CPUs
+    without VNNI (AVX2's ``vpmaddubsw`` adds pairs of products into int16, which clips at 32767;
+    VNNI's ``vpdpbusd`` and Arm's dot products add into int32). An int8 graph's fidelity measured
+    on a CPU with VNNI does not hold on one without it."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    return not (features.get("AVX512VNNI") or features.get("AVXVNNI"))
