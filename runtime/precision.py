@@ -19,7 +19,10 @@ PRECISIONS = ("fp32", *PRECISION_KINDS)
 
 def resolve_precision(bundle: Bundle, device: str, precision: str) -> str:
     """The precision a pipeline runs: ``auto`` is the device's measured default (see
-    :meth:`Bundle.default_precision`); a named one must have been exported for the device kind."""
+    :meth:`Bundle.default_precision`); a named one must have been exported for the device kind.
+
+    Deliberate difference from the webui (docs/DIFFERENCES.md): it has no int8 path, and its CPU
+    runs fp32; here ``auto`` may run a measured int8 graph."""
     kind = device.split(":")[0]
     if precision == "auto":
         return bundle.default_precision(device) if kind in ("cpu", "cuda") else "fp32"
