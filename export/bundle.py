@@ -284,7 +284,7 @@ def _write_precisions(tmp: Path, manifest: dict, precisions: tuple[str, ...], op
         if progress:
             progress(f"writing {precision} graphs", 0, 2)
         names = COMPONENTS if precision == "fp16" else ("unet",)
-        calibration = (precision_mod.calibration_feeds(tmp) if precision == "int8-static" else None)
+        calibration = precision_mod.calibration_feeds(tmp) if precision == "int8-static" else None
         details = {}
         for name in names:
             entry = manifest["components"][name]
@@ -306,7 +306,8 @@ def _write_precisions(tmp: Path, manifest: dict, precisions: tuple[str, ...], op
                 # From the portable graph (the calibration runs it on plain ONNX Runtime), fused after
                 report = precision_mod.quantize_int8_static(portable, target, calibration, optimize=optimize)
             log.info("%s: %s", name, report.summary())
-            custom_ops = any(o.domain == SDRT_DOMAIN for o in onnx.load(str(target), load_external_data=False).opset_import)
+            graph = onnx.load(str(target), load_external_data=False)
+            custom_ops = any(o.domain == SDRT_DOMAIN for o in graph.opset_import)
             entry.setdefault("optimized", {})[f"{kind}-{precision}"] = {
                 "path": f"{name}/{target.name}", "precision": precision, "quantized": report.counts,
                 "custom_ops": custom_ops}

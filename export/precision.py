@@ -15,9 +15,10 @@ the webui calls ``--no-half-vae``).
 convolution and weight MatMul over image tokens in int8 (``QLinearConv`` / ``QLinearMatMul``,
 MLAS's VNNI kernels), weights per output channel, activations with fixed ranges calibrated at
 export (:func:`calibration_feeds`: the UNet inputs of every step of fp32 generations from
-:data:`CALIBRATION_PROMPTS`, min/max over all of them), then the CPU graph passes. About 3.5x
-the fp32 graph's speed on a CPU with AVX-512 VNNI; the fixed ranges cost fidelity, measured like
-every precision. The first and last convolutions (4 latent channels in and out) stay fp32.
+:data:`CALIBRATION_PROMPTS`, min/max over all of them), then the CPU graph passes. About 2.2x
+the fp32 CPU graph's speed on the SD 1.5 UNet (AVX-512 VNNI, 2 threads; docs/OPTIMIZATION.md);
+the fixed ranges cost fidelity, measured like every precision. The first and last convolutions
+(4 latent channels in and out) stay fp32.
 
 ``sdrt export --precision fp16`` adds ``<component>/model.cuda-fp16.onnx`` for ONNX Runtime's
 CUDA provider: the portable graph with fp16 weights and activations (onnxruntime's float16
@@ -202,8 +203,8 @@ def calibration_feeds(bundle_dir: str | Path, *, prompts: tuple[str, ...] = CALI
     pipe.denoiser.unet = recorder
     width, height = (min(v, max_size) for v in pipe.bundle.default_size)
     for k, prompt in enumerate(prompts):
-        params = pipeline.GenerationParams(prompt, steps=steps, sampler=samplers[k % len(samplers)], seed=seed + k,
-                                  width=width, height=height, cfg_scale=7.0)
+        params = pipeline.GenerationParams(prompt, steps=steps, sampler=samplers[k % len(samplers)],
+                                           seed=seed + k, width=width, height=height, cfg_scale=7.0)
         cond, uncond = pipe.conditioning(params)
         pipe.sample(params, [seed + k], cond, uncond)
     return recorder.feeds
@@ -368,20 +369,19 @@ def measure(bundle_dir: str | Path, precision: str, *, device: str = "cpu", prom
     differences can move an ancestral trajectory more. The precision may be its device's default
     when the worst image reaches :data:`DEFAULT_MIN_PSNR`."""
     from sdrt.export.reference import psnr
-    from sdrt.runtime.pipeline import GenerationParams, Pipeline, to_uint8
 
     prompt = prompt or "a red circle on a blue background"
-    pipes = {p: Pipeline(bundle_dir, device=device, precision=p) for p in ("fp32", precision)}
+    pipes = {p: pipeline.Pipeline(bundle_dir, device=device, precision=p) for p in ("fp32", precision)}
     width, height = (min(v, max_size) for v in pipes["fp32"].bundle.default_size)
     runs = []
     for sampler in samplers:
-        params = GenerationParams(prompt, steps=steps, sampler=sampler, seed=seed, width=width, height=height,
-                                  cfg_scale=7.0)
+        params = pipeline.GenerationParams(prompt, steps=steps, sampler=sampler, seed=seed, width=width,
+                                           height=height, cfg_scale=7.0)
         images, latents = {}, {}
         for p, pipe in pipes.items():
             cond, uncond = pipe.conditioning(params)
             latents[p] = pipe.sample(params, [seed], cond, uncond)
-            images[p] = to_uint8(pipe.decode_float(latents[p])[0]).astype(np.float64)
+            images[p] = pipeline.to_uint8(pipe.decode_float(latents[p])[0]).astype(np.float64)
         a, b = images["fp32"], images[precision]
         runs.append({"sampler": sampler,
                      "image_psnr": _finite(psnr(a, b, peak=255.0)),  # null when identical
