@@ -792,7 +792,8 @@ class RuntimePeer:
     def __init__(self, job: dict):
         from sdrt.runtime.pipeline import Pipeline
 
-        self.pipe = Pipeline(job["bundle"], job["options"].get("session", job["device"]))
+        # The backend's own precision, never the bundle's measured default (--precision auto)
+        self.pipe = Pipeline(job["bundle"], job["options"].get("session", job["device"]), precision=job["precision"])
         self.threads = int(os.environ.get("SDRT_THREADS", "0")) or None
         self._gpu = NvidiaSmiPeak() if job["device"] == "cuda" else None
 

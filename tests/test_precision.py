@@ -179,6 +179,12 @@ def test_runtime_picks_the_precision(precise_bundle, tmp_path):
     (copy / "sdrt.json").write_text(json.dumps(m))
     assert Path(Pipeline(copy).unet.path).name == "model.cpu-int8-static.onnx"
 
+    # sdrt bench's fp32 backend runs fp32 graphs whatever the bundle's default
+    from sdrt.runtime.bench import RuntimePeer
+
+    peer = RuntimePeer({"bundle": str(copy), "device": "cpu", "options": {"session": "cpu"}, "precision": "fp32"})
+    assert peer.pipe.precision == "fp32" and Path(peer.pipe.unet.path).name == "model.cpu.onnx"
+
     static = Pipeline(bundle, precision="int8-static")
     assert Path(static.unet.path).name == "model.cpu-int8-static.onnx"
     image = np.asarray(static.generate(p)[0].image, dtype=np.float64)
