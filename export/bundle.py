@@ -273,10 +273,6 @@ def _optimize_component(path: Path) -> dict:
 def _write_precisions(tmp: Path, manifest: dict, precisions: tuple[str, ...], optimize: bool,
                       progress: Progress | None) -> dict:
     """Add the reduced-precision variants to a written bundle, measure each, return the manifest."""
-    import onnx
-
-    from sdrt.export.passes import SDRT_DOMAIN
-
     for precision in precisions:
         if precision == "fp32":
             continue
@@ -306,11 +302,9 @@ def _write_precisions(tmp: Path, manifest: dict, precisions: tuple[str, ...], op
                 # From the portable graph (the calibration runs it on plain ONNX Runtime), fused after
                 report = precision_mod.quantize_int8_static(portable, target, calibration, optimize=optimize)
             log.info("%s: %s", name, report.summary())
-            graph = onnx.load(str(target), load_external_data=False)
-            custom_ops = any(o.domain == SDRT_DOMAIN for o in graph.opset_import)
             entry.setdefault("optimized", {})[f"{kind}-{precision}"] = {
                 "path": f"{name}/{target.name}", "precision": precision, "quantized": report.counts,
-                "custom_ops": custom_ops}
+                "custom_ops": report.custom_ops}
             details[name] = report.counts
         record = {"components": details, "min_default_psnr": precision_mod.DEFAULT_MIN_PSNR, "fidelity": None,
                   "default": False}

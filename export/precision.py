@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from sdrt.export import passes
 from sdrt.runtime import pipeline
 from sdrt.runtime.precision import PRECISIONS, int8_saturates
 
@@ -71,6 +72,7 @@ class QuantizeReport:
     counts: dict[str, int]   # quantized nodes per op type, e.g. {"MatMulInteger": 140}
     own_bytes: int           # bytes in the variant's own data file
     shared_bytes: int        # bytes read from the fp32 graph's data file
+    custom_ops: bool = False  # the graph imports the ai.sdrt domain (needs sdrt's kernels library)
 
     def summary(self) -> str:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
@@ -124,7 +126,7 @@ def _save_quantized(staged: Path, src: Path, dst: Path, op_types: tuple[str, ...
         if node.op_type in op_types:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     os.replace(tmp, dst)
-    return QuantizeReport(counts, own, shared)
+    return QuantizeReport(counts, own, shared, any(o.domain == passes.SDRT_DOMAIN for o in model.opset_import))
 
 
 def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]], *,
@@ -139,8 +141,6 @@ def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str,
     result (its GroupNorms, attention and GELU stay fp32 and fuse as in ``model.cpu.onnx``).
     Unchanged tensors are read from ``src``'s data file, as in :func:`quantize_int8`."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    from sdrt.export import passes
 
     class Reader(CalibrationDataReader):
         def __init__(self):

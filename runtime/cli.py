@@ -139,9 +139,8 @@ def generate(prompt, negative_prompt, model, steps, sampler, scheduler, cfg_scal
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(list(PRECISIONS)),
               help="Also write reduced-precision graphs (repeatable): int8 = the CPU UNet's MatMuls quantized "
               "dynamically; int8-static = its convolutions and MatMuls, activation ranges calibrated at export; "
-              "each measured "
-              "against fp32 and the CPU default at >= 35 dB; fp16 = every component for --device cuda. fp32 is "
-              "always written.")
+              "each measured against fp32 and the CPU default at >= 35 dB; fp16 = every component for --device "
+              "cuda. fp32 is always written.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Also write each component's CPU-optimized graph (fused GroupNorm+SiLU, attention, GELU).")
