@@ -5,6 +5,8 @@ graph ``sdrt export`` optimizes for the CPU (``model.cpu.onnx``: fused GroupNorm
 kernels, MultiHeadAttention, Gelu), on its int8 form (``sdrt export --precision int8``:
 the image-token MatMuls quantized dynamically) and on its static int8 form (``--precision
 int8-static``: convolutions and MatMuls in int8 with activation ranges calibrated beforehand;
+both int8 forms run self-attention in sdrt's ``ai.sdrt.Attention``, bf16 products on CPUs with
+AVX-512 BF16;
 here, with random weights and no generations to record, on unit-normal latents and contexts at
 five timesteps at 256x256, not the measured input); and OpenVINO's CPU plugin on the portable graph when
 ``openvino`` is installed (what CPU users of FastSD run; at its best precision on this CPU).
@@ -92,6 +94,9 @@ def main(argv=None) -> int:
     if args.openvino and openvino is None:
         print("openvino: not installed (pip install openvino), peer left out", flush=True)
 
+    from sdrt.runtime import kernels
+    attention = ("ai.sdrt.Attention, bf16 products (AVX-512 BF16)" if kernels.attention_bf16_supported()
+                 else "ai.sdrt.Attention, float32 (no AVX-512 BF16 here)")
     writer = bench.RecordWriter(args.results)
     host = bench.machine()
     common = {"schema": bench.SCHEMA, "run": f"unet-step-{bench.utc_now()}", "machine": host,
@@ -139,11 +144,13 @@ def main(argv=None) -> int:
                 options = {"graph": "model.cpu.onnx", "passes": report.counts()}
             if name.endswith("-int8"):
                 options = {"graph": int8.name, "passes": report.counts(), "quantized": quantized.counts,
-                           "scheme": "dynamic: int8 symmetric per-tensor weights, uint8 per-run activations"}
+                           "scheme": "dynamic: int8 symmetric per-tensor weights, uint8 per-run activations",
+                           "self_attention": attention}
             if name.endswith("-int8-static"):
                 options = {"graph": static.name, "quantized": quantized_static.counts,
                            "scheme": "static: int8 symmetric per-channel weights, uint8 activations with ranges "
-                                     "calibrated on unit-normal latents and contexts at t = 999, 750, 500, 250, 1"}
+                                     "calibrated on unit-normal latents and contexts at t = 999, 750, 500, 250, 1",
+                           "self_attention": attention}
             if runtime == "openvino":
                 options = {"graph": "model.onnx", "openvino": openvino.version, "shapes": "static per size",
                            "precision_hint": openvino.hint, "capabilities": openvino.capabilities}

@@ -304,7 +304,7 @@ def _write_precisions(tmp: Path, manifest: dict, precisions: tuple[str, ...], op
             log.info("%s: %s", name, report.summary())
             entry.setdefault("optimized", {})[f"{kind}-{precision}"] = {
                 "path": f"{name}/{target.name}", "precision": precision, "quantized": report.counts,
-                "custom_ops": report.custom_ops}
+                "bf16_attention": report.bf16_attention, "custom_ops": report.custom_ops}
             details[name] = report.counts
         record = {"components": details, "min_default_psnr": precision_mod.DEFAULT_MIN_PSNR, "fidelity": None,
                   "default": False}

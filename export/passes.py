@@ -18,6 +18,11 @@ Fusions target operators ONNX Runtime runs on the CPU:
 - LayerNorm needs no pass: from opset 17 torch exports ``LayerNormalization`` whole; the report
   counts them.
 
+Not in :data:`PASSES` (it changes the arithmetic, so only reduced-precision graphs take it):
+
+- ``bf16_attention``: self-attention's ``MultiHeadAttention`` becomes ``ai.sdrt.Attention``,
+  whose products run in bf16 on CPUs with AVX-512 BF16 (float32 elsewhere).
+
 Every fusion checks the values it relies on (constant shapes, the epsilon, perm attributes) and
 leaves a subgraph alone when they are not what it expects, so a pass never changes numbers beyond
 float rounding. The unit tests build each subgraph with ``onnx.helper`` and compare the fused
@@ -352,6 +357,43 @@ def fuse_attention(g: Graph) -> int:
         count += 1
     if count:
         g.use_opset(MS_DOMAIN, 1)
+    return count
+
+
+def reached_from(graph: onnx.GraphProto, name: str) -> set[str]:
+    """Every tensor computed from ``name`` (a graph input), ``name`` included."""
+    reached = {name}
+    for node in graph.node:  # ONNX nodes are topologically sorted
+        if any(i in reached for i in node.input):
+            reached.update(node.output)
+    return reached
+
+
+def bf16_attention(g: Graph, stream_input: str = "sample") -> int:
+    """Self-attention ``com.microsoft.MultiHeadAttention`` => ``ai.sdrt.Attention`` (sdrt's
+    kernels library): the same op without masks or biases, its q.k and p.v products in bf16 with
+    float32 sums on CPUs with AVX-512 BF16 (vdpbf16ps), in float32 elsewhere.
+
+    Self-attention is the node whose keys depend on ``stream_input`` (image tokens: 4096 per item
+    at 512x512, where it is the UNet's largest cost). Cross-attention (77 text tokens) keeps ONNX
+    Runtime's kernel, which is faster there. Nodes with masks, biases or other attributes than
+    ``num_heads`` and ``scale`` are left alone. Not one of :data:`PASSES`: it changes the
+    arithmetic, so only the reduced-precision graphs (``--precision int8``, ``int8-static``) run it.
+    """
+    reached = reached_from(g.graph, stream_input)
+    count = 0
+    for mha in g.nodes_of("MultiHeadAttention"):
+        if mha.domain != MS_DOMAIN or len(mha.input) != 3 or mha.input[1] not in reached:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in mha.attribute}
+        if set(attrs) - {"num_heads", "scale"} or attrs.get("num_heads", 0) <= 0:
+            continue
+        node = helper.make_node("Attention", list(mha.input), list(mha.output),
+                                name=g.fresh("Attention"), domain=SDRT_DOMAIN, **attrs)
+        g.replace([mha], [node])
+        count += 1
+    if count:
+        g.use_opset(SDRT_DOMAIN, 1)
     return count
 
 

@@ -73,10 +73,12 @@ class QuantizeReport:
     own_bytes: int           # bytes in the variant's own data file
     shared_bytes: int        # bytes read from the fp32 graph's data file
     custom_ops: bool = False  # the graph imports the ai.sdrt domain (needs sdrt's kernels library)
+    bf16_attention: int = 0  # self-attention nodes given to ai.sdrt.Attention (passes.bf16_attention)
 
     def summary(self) -> str:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
-        return (f"int8: {ops}; {self.own_bytes / 2**20:.1f} MB of int8 weights, "
+        return (f"int8: {ops}; bf16 attention {self.bf16_attention}; "
+                f"{self.own_bytes / 2**20:.1f} MB of int8 weights, "
                 f"{self.shared_bytes / 2**20:.1f} MB shared with the fp32 graph")
 
 
@@ -112,8 +114,12 @@ def quantize_int8(src: str | Path, dst: str | Path) -> QuantizeReport:
 
 def _save_quantized(staged: Path, src: Path, dst: Path, op_types: tuple[str, ...]) -> QuantizeReport:
     """Move a quantizer's output (``staged``, with its weights) to ``dst``: tensors equal to
-    ``src``'s are read from ``src``'s data file, the rest go to ``dst``'s own; counts ``op_types``."""
+    ``src``'s are read from ``src``'s data file, the rest go to ``dst``'s own; counts ``op_types``.
+
+    On the way, self-attention becomes sdrt's bf16 attention (:func:`passes.bf16_attention`): a
+    reduced-precision graph takes it with its int8 products, and is measured with it."""
     model = onnx.load(str(staged), load_external_data=True)
+    attention = passes.bf16_attention(passes.Graph(model, staged.parent))
     shared = _share_unchanged(model, src)
     # The data file first, under the name the graph refers to; the graph last, renamed into place
     data_name = dst.name[:-len(".onnx")] + ".onnx_data"
@@ -126,7 +132,8 @@ def _save_quantized(staged: Path, src: Path, dst: Path, op_types: tuple[str, ...
         if node.op_type in op_types:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     os.replace(tmp, dst)
-    return QuantizeReport(counts, own, shared, any(o.domain == passes.SDRT_DOMAIN for o in model.opset_import))
+    return QuantizeReport(counts, own, shared, any(o.domain == passes.SDRT_DOMAIN for o in model.opset_import),
+                          attention)
 
 
 def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]], *,
@@ -215,10 +222,7 @@ def image_stream_matmuls(model, stream_input: str = "sample") -> set[str]:
     projections over image tokens, whose cost grows with the image. The others (the text
     context's K/V projections, the timestep embedding's) cost next to nothing at any size and
     stay fp32: quantizing them would add error and no speed."""
-    reached = {stream_input}
-    for node in model.graph.node:  # ONNX nodes are topologically sorted
-        if any(i in reached for i in node.input):
-            reached.update(node.output)
+    reached = passes.reached_from(model.graph, stream_input)
     weights = {t.name for t in model.graph.initializer}
     return {n.name for n in model.graph.node
             if n.op_type == "MatMul" and n.input[0] in reached and n.input[1] in weights}
@@ -397,7 +401,15 @@ def measure(bundle_dir: str | Path, precision: str, *, device: str = "cpu", prom
         "default": worst["image_psnr"] is None or worst["image_psnr"] >= DEFAULT_MIN_PSNR,
         # int8 figures measured where int8 products are exact do not hold where they saturate
         "int8_saturates": int8_saturates() if device == "cpu" else None,
+        # whether ai.sdrt.Attention ran its bf16 form here (elsewhere it runs float32: closer to fp32)
+        "attention_bf16": _attention_bf16() if device == "cpu" else None,
     }
+
+
+def _attention_bf16() -> bool | None:
+    from sdrt.runtime import kernels
+
+    return kernels.attention_bf16_supported() if kernels.available() else None
 
 
 def _finite(db: float) -> float | None:

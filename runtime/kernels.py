@@ -37,6 +37,8 @@ def load() -> ctypes.CDLL:
     lib.sdrt_group_norm_f32.argtypes = [f, f, f, f, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int32,
                                         ctypes.c_int32]
     lib.sdrt_group_norm_f32.restype = ctypes.c_int32
+    lib.sdrt_attention_f32.argtypes = [f, f, f, f, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int32]
+    lib.sdrt_attention_f32.restype = ctypes.c_int32
     return lib
 
 
@@ -60,3 +62,42 @@ def group_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, groups: int, 
     if rc != 0:
         raise SdrtError(f"group_norm: {c} channels cannot form {groups} groups")
     return y
+
+
+# How ai.sdrt.Attention forms its products (kernels/attention/attention.h): "auto" and
+# "bfloat16" take bf16 where the CPU has AVX-512 BF16; "float32-portable" is the float32 code for
+# CPUs without AVX-512, callable anywhere for tests
+ATTENTION_MATH = {"auto": 0, "float32": 1, "bfloat16": 2, "float32-portable": 3}
+_ATTENTION_FORMS = {1: "float32", 2: "bfloat16", 3: "float32-portable"}
+
+
+def attention_bf16_supported() -> bool:
+    """Whether ai.sdrt.Attention runs its bf16 path here (AVX-512 F, BW and BF16)."""
+    q = np.zeros((1, 1, 2), np.float32)
+    return attention(q, q, q, 1, math="bfloat16")[1] == "bfloat16"
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, scale: float | None = None,
+              math: str = "auto") -> tuple[np.ndarray, str]:
+    """softmax(scale * q k^T) v per item and head with the compiled CPU kernel (ai.sdrt.Attention).
+
+    q is [B, S, heads*d], k and v [B, L, heads*d] (float32). ``math`` is a key of
+    :data:`ATTENTION_MATH`. Returns the output and the form that ran ("float32", "bfloat16" or
+    "float32-portable")."""
+    q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
+    if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise SdrtError(f"attention: q must be [B, S, hidden], k and v [B, L, hidden] alike; got "
+                        f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if heads <= 0 or q.shape[2] % heads:
+        raise SdrtError(f"attention: hidden size {q.shape[2]} is not a multiple of {heads} heads")
+    if math not in ATTENTION_MATH:
+        raise SdrtError(f"attention: unknown math {math!r} (choose from {', '.join(ATTENTION_MATH)})")
+    out = np.empty_like(q)
+    f = ctypes.POINTER(ctypes.c_float)
+    b, s, hidden = q.shape
+    rc = load().sdrt_attention_f32(q.ctypes.data_as(f), k.ctypes.data_as(f), v.ctypes.data_as(f),
+                                   out.ctypes.data_as(f), b, s, k.shape[1], heads, hidden // heads,
+                                   float(scale or 0.0), ATTENTION_MATH[math])
+    if rc < 0:
+        raise SdrtError(f"attention: the kernel refused shapes q {list(q.shape)}, k {list(k.shape)}")
+    return out, _ATTENTION_FORMS[rc]

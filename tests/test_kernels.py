@@ -18,7 +18,7 @@ def group_norm_ref(x, gamma, beta, groups, eps, silu):
 
 def test_library_is_built():
     assert kernels.available(), f"missing {kernels.library_path()}"
-    assert kernels.load().sdrt_kernels_abi_version() == 1
+    assert kernels.load().sdrt_kernels_abi_version() == 2
 
 
 @pytest.mark.parametrize("silu", [False, True])
@@ -52,3 +52,82 @@ def test_group_norm_silu_over_a_wide_range():
     out = kernels.group_norm(x, gamma, beta, 4, 1e-5, silu=True)
     assert np.isfinite(out).all() and np.abs(ref).max() > 150
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=1e-4)
+
+
+# -- Attention ------------------------------------------------------------------------------------
+
+def attention_ref(q, k, v, heads, scale=None):
+    b, s, hidden = q.shape
+    d = hidden // heads
+    split = lambda a: a.reshape(a.shape[0], a.shape[1], heads, d).transpose(0, 2, 1, 3).astype(np.float64)  # noqa: E731
+    scores = split(q) @ split(k).transpose(0, 1, 3, 2) * (scale or d ** -0.5)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return (p @ split(v)).transpose(0, 2, 1, 3).reshape(b, s, hidden)
+
+
+def psnr(out, ref):
+    return 10 * np.log10(np.abs(ref).max() ** 2 / np.mean((out - ref) ** 2))
+
+
+# (batch, queries, keys, heads, head size): the UNet's head sizes (40, 80, 160), keys that are no
+# multiple of the 16-key vectors or the 64-key blocks, query counts no multiple of 4, a lone key
+ATTENTION_SHAPES = [(2, 64, 77, 8, 40), (1, 37, 50, 3, 7), (2, 130, 129, 2, 80), (1, 9, 200, 1, 160), (1, 5, 1, 1, 3)]
+
+
+@pytest.mark.parametrize("math", ["float32", "float32-portable"])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_attention_float32_matches_numpy(shape, math):
+    """Both float32 forms (the blocked AVX-512 one where the CPU has it, and the portable one)
+    agree with float64 up to float32 rounding, with the default and an explicit scale."""
+    b, s, l, h, d = shape
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((b, s, h * d), dtype=np.float32) * 2
+    k, v = (rng.standard_normal((b, l, h * d), dtype=np.float32) for _ in range(2))
+    out, form = kernels.attention(q, k, v, h, math=math)
+    assert form == math or (math == "float32" and form == "float32-portable")  # no AVX-512: portable
+    np.testing.assert_allclose(out, attention_ref(q, k, v, h), rtol=1e-5, atol=1e-5)
+    out, _ = kernels.attention(q, k, v, h, scale=0.3, math=math)
+    np.testing.assert_allclose(out, attention_ref(q, k, v, h, 0.3), rtol=1e-5, atol=1e-5)
+
+
+needs_bf16 = pytest.mark.skipif(not kernels.attention_bf16_supported(), reason="this CPU has no AVX-512 BF16")
+
+
+@needs_bf16
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_attention_bf16_is_close_and_is_bf16(shape):
+    """bf16 operands (8 significant bits) with float32 sums: 55 dB or more against float64, and
+    measurably not the float32 path's result."""
+    b, s, l, h, d = shape
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((b, s, h * d), dtype=np.float32) * 2
+    k, v = (rng.standard_normal((b, l, h * d), dtype=np.float32) for _ in range(2))
+    ref = attention_ref(q, k, v, h)
+    out, path = kernels.attention(q, k, v, h, math="auto")
+    assert path == "bfloat16"
+    assert psnr(out, ref) > 55 and np.abs(out - ref).max() < 0.03
+    assert np.abs(out - ref).max() > 1e-5 or l == 1  # one key: the output is v itself, rounded or not
+
+
+@needs_bf16
+def test_attention_bf16_softmax_over_a_wide_range():
+    """Scores spread over hundreds (sharp attention): the running maximum keeps exp2 in range, no
+    NaN or Inf, the winner's value comes through."""
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((1, 20, 64), dtype=np.float32) * 30
+    k = rng.standard_normal((1, 300, 64), dtype=np.float32) * 30
+    v = rng.standard_normal((1, 300, 64), dtype=np.float32)
+    ref = attention_ref(q, k, v, 1)
+    out, _ = kernels.attention(q, k, v, 1)
+    assert np.isfinite(out).all() and psnr(out, ref) > 35
+
+
+def test_attention_rejects_bad_shapes():
+    q = np.zeros((1, 4, 10), np.float32)
+    with pytest.raises(Exception, match="hidden size 10 is not a multiple of 3 heads"):
+        kernels.attention(q, q, q, 3)
+    with pytest.raises(Exception, match="k and v"):
+        kernels.attention(q, np.zeros((1, 4, 12), np.float32), np.zeros((1, 4, 12), np.float32), 2)
+    with pytest.raises(Exception, match="unknown math 'fp8'"):
+        kernels.attention(q, q, q, 2, math="fp8")

@@ -286,6 +286,11 @@ def test_sd15_unet_every_attention_and_group_norm_fused(tmp_path):
     assert counts["gelu"] == 16 and counts["layer_norm"] == 48
     assert _ops(fused).count("GroupNorm") == 61 and _ops(fused).count("MultiHeadAttention") == 32
     assert "InstanceNormalization" not in _ops(fused) and "Softmax" not in _ops(fused)
+    # the reduced-precision graphs' pass: the 16 self-attentions, not the 16 cross-attentions
+    reduced = onnx.ModelProto()
+    reduced.CopyFrom(fused)
+    assert passes.bf16_attention(passes.Graph(reduced)) == 16
+    assert _ops(reduced).count("Attention") == 16 and _ops(reduced).count("MultiHeadAttention") == 16
     silu = sum(1 for n in fused.graph.node if n.op_type == "GroupNorm"
                and any(a.name == "activation" and a.i == 1 for a in n.attribute))
     assert silu == 44 + 1  # every ResNet norm and the output norm carry the SiLU that follows them
@@ -329,3 +334,56 @@ def test_fused_graph_without_the_kernels_library_is_one_clear_error(tiny_bundle,
         sessions.Session(tiny_bundle / "unet" / "model.cpu.onnx")
     message = str(e.value)
     assert "\n" not in message and "ai.sdrt" in message and "kernels library" in message
+
+
+# -- bf16 attention (reduced-precision graphs only) --------------------------------------------------
+
+def _self_and_cross_mha_graph(heads=2, dim=32, ctx_dim=24):
+    """One self-attention MultiHeadAttention (keys from the sample) and one cross-attention (keys
+    from the text context), as the fused UNet has them."""
+    rng = np.random.default_rng(4)
+    w = {n: (rng.standard_normal(shape) / math.sqrt(shape[0])).astype(np.float32)
+         for n, shape in (("wq", (dim, dim)), ("wk", (dim, dim)), ("wv", (dim, dim)), ("wq2", (dim, dim)),
+                          ("wk2", (ctx_dim, dim)), ("wv2", (ctx_dim, dim)))}
+    nodes = [helper.make_node("MatMul", ["sample", n], [n[1:]]) for n in ("wq", "wk", "wv")]
+    nodes += [helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["a1"], domain="com.microsoft", num_heads=heads),
+              helper.make_node("MatMul", ["a1", "wq2"], ["q2"]),
+              helper.make_node("MatMul", ["encoder_hidden_states", "wk2"], ["k2"]),
+              helper.make_node("MatMul", ["encoder_hidden_states", "wv2"], ["v2"]),
+              helper.make_node("MultiHeadAttention", ["q2", "k2", "v2"], ["y"], domain="com.microsoft",
+                               num_heads=heads, scale=0.3)]
+    inputs = [helper.make_tensor_value_info("sample", F, ["b", "s", dim]),
+              helper.make_tensor_value_info("encoder_hidden_states", F, ["b", "l", ctx_dim])]
+    model = _model(nodes, inputs, [_out("y", 3)], [numpy_helper.from_array(a, n) for n, a in w.items()])
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def test_bf16_attention_takes_self_attention_only():
+    model = _self_and_cross_mha_graph()
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    assert passes.bf16_attention(passes.Graph(fused)) == 1
+    onnx.checker.check_model(fused)
+    by_output = {n.output[0]: n for n in fused.graph.node}
+    assert (by_output["a1"].op_type, by_output["a1"].domain) == ("Attention", "ai.sdrt")
+    assert (by_output["y"].op_type, by_output["y"].domain) == ("MultiHeadAttention", "com.microsoft")
+    assert any(o.domain == "ai.sdrt" for o in fused.opset_import)
+    assert "bf16_attention" not in [name for name, _ in passes.PASSES]  # reduced-precision graphs only
+    rng = np.random.default_rng(5)
+    feeds = {"sample": rng.standard_normal((2, 100, 32), dtype=np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 7, 24), dtype=np.float32)}
+    ref, out = _run(model, feeds)[0], _run(fused, feeds)[0]
+    err = np.abs(out - ref)
+    db = 10 * np.log10(np.abs(ref).max() ** 2 / np.mean(err ** 2))
+    if kernels.attention_bf16_supported():
+        assert 45 < db < 100, db  # bf16 products: close, and not float32's rounding
+    else:
+        assert db > 100, db  # the float32 path: ONNX Runtime's numbers up to float rounding
+
+
+def test_bf16_attention_leaves_masked_attention_alone():
+    model = _self_and_cross_mha_graph()
+    node = model.graph.node[3]
+    node.input.extend(["", "", "mask"])  # key padding mask: MultiHeadAttention's input 4
+    assert passes.bf16_attention(passes.Graph(model)) == 0

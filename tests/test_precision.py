@@ -129,6 +129,10 @@ def test_export_writes_and_measures_each_precision(precise_bundle):
     m = json.loads((bundle / "sdrt.json").read_text())
     unet = m["components"]["unet"]["optimized"]
     assert unet["cpu-int8"]["path"] == "unet/model.cpu-int8.onnx" and unet["cpu-int8"]["quantized"]["MatMulInteger"] > 0
+    # every self-attention (half the fused attention nodes) runs sdrt's bf16 attention in both int8 graphs
+    self_attention = unet["cpu"]["passes"]["attention"] // 2
+    assert self_attention > 0
+    assert unet["cpu-int8"]["bf16_attention"] == unet["cpu-int8-static"]["bf16_attention"] == self_attention
     assert all("cpu-int8" not in m["components"][n].get("optimized", {}) for n in ("text_encoder", "vae_decoder"))
     assert all(m["components"][n]["optimized"]["cuda-fp16"]["fp32_nodes"] > 0
                for n in ("text_encoder", "unet", "vae_decoder", "vae_encoder"))
@@ -147,6 +151,7 @@ def test_export_writes_and_measures_each_precision(precise_bundle):
     assert static["calibration"]["feeds"] > 0 and static["calibration"]["prompts"] == list(precision.CALIBRATION_PROMPTS)
     assert [r["sampler"] for r in static["fidelity"]["runs"]] == ["Euler a", "DPM++ 2M"]
     assert static["fidelity"]["int8_saturates"] in (True, False)
+    assert static["fidelity"]["attention_bf16"] == int8["fidelity"]["attention_bf16"] in (True, False)
     # The int8 graph adds its int8 weights only; fp16 graphs hold half-size copies
     data = (bundle / "unet" / "model.onnx_data").stat().st_size
     assert (bundle / "unet" / "model.cpu-int8.onnx_data").stat().st_size < data / 3

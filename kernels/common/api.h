@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-// Version of the kernels ABI; bumped when an entry point changes.
+// Version of the kernels ABI; bumped when an entry point is added or changes (2: attention).
 SDRT_API int32_t sdrt_kernels_abi_version(void);
 
 // GroupNorm over x[n, c, h*w] (NCHW) or x[n, h*w, c] (NHWC), per-channel affine, then SiLU if
@@ -20,6 +20,13 @@ SDRT_API int32_t sdrt_kernels_abi_version(void);
 SDRT_API int32_t sdrt_group_norm_f32(const float* x, const float* gamma, const float* beta, float* y,
                                      int64_t n, int64_t c, int64_t hw, int64_t groups, float eps,
                                      int32_t channels_last, int32_t silu);
+
+// softmax(scale * q k^T) v per (item, head) over fused heads: q and out [b, s, heads*d], k and v
+// [b, l, heads*d]; scale 0 means 1/sqrt(d). math: 0 bf16 where the CPU has AVX-512 BF16, else
+// float32; 1 float32; 2 bf16 if available. Returns the path taken (1 float32, 2 bf16), or -1 on
+// bad arguments.
+SDRT_API int32_t sdrt_attention_f32(const float* q, const float* k, const float* v, float* out, int64_t b,
+                                    int64_t s, int64_t l, int64_t heads, int64_t d, float scale, int32_t math);
 
 #ifdef __cplusplus
 }

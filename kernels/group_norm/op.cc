@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/api.h"
+#include "common/exp.h"
 #include "group_norm/group_norm.h"
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
@@ -19,28 +20,6 @@
 
 namespace sdrt {
 namespace {
-
-// exp(v) for v <= 0 (SiLU needs exp(-|x|) only): 2^k * p(r), r in [-ln2/2, ln2/2], degree-6
-// Taylor polynomial (relative error < 2e-7 on that range). k is rounded to nearest by adding and
-// subtracting 1.5 * 2^23 (exact in float arithmetic for |k| < 2^22), which vectorises where a
-// call to nearbyint would not.
-inline float exp_nonpositive(float v) {
-  v = v > -87.0f ? v : -87.0f;
-  const float round = 12582912.0f;
-  const float k = (v * 1.44269504088896341f + round) - round;
-  const float r = v - k * 0.693145751953125f - k * 1.428606765330187045e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k as a float's bits
-  float two_k;
-  std::memcpy(&two_k, &bits, sizeof two_k);
-  return p * two_k;
-}
 
 // x * sigmoid(x), from e = exp(-|x|) so it never overflows: sigmoid is 1/(1+e) for x >= 0 and
 // e/(1+e) below; branch-free (fabs, fmax, a select of two computed values) so the loop vectorises

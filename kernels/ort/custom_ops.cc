@@ -12,6 +12,13 @@
 //                                    provider (this file built with SDRT_WITH_CUDA, into
 //                                    libsdrt_kernels_cuda): X and Y float32 or float16, gamma and
 //                                    beta float32, on the session's compute stream.
+//   Attention(Q, K, V) -> Y          attributes num_heads (int), scale (float, 0: 1/sqrt(head
+//                                    size)), math (int: 0 bf16 products where the CPU has
+//                                    AVX-512 BF16, else float32; 1 float32). Q and Y [B, S,
+//                                    heads*d], K and V [B, L, heads*d], float32: softmax(scale *
+//                                    q k^T) v per item and head, as com.microsoft.MultiHeadAttention
+//                                    without masks or biases. CPU execution provider, parallel
+//                                    over (item, head, block of query rows).
 //
 // The CUDA build is a separate library so that the CPU one never depends on the CUDA runtime; it
 // registers the CPU op too, and a session loads one of the two.
@@ -19,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "attention/attention.h"
 #include "common/api.h"
 #include "group_norm/group_norm.h"
 #include "onnxruntime_c_api.h"
@@ -189,9 +197,83 @@ OrtStatus* ORT_API_CALL group_norm_compute_v2(void* kernel, OrtKernelContext* co
 
 void ORT_API_CALL group_norm_destroy(void* kernel) { delete static_cast<GroupNormKernel*>(kernel); }
 
+// -- Attention ------------------------------------------------------------------------------------
+
+struct AttentionKernel {
+  int64_t heads = 0;
+  float scale = 0.0f;
+  sdrt::AttentionMath math = sdrt::AttentionMath::kAuto;
+};
+
+void attention_pack_job(void* data, size_t task) {
+  static_cast<sdrt::AttentionJob*>(data)->pack_task(static_cast<int64_t>(task));
+}
+
+void attention_run_job(void* data, size_t task) {
+  static_cast<sdrt::AttentionJob*>(data)->run_task(static_cast<int64_t>(task));
+}
+
+OrtStatus* attention_compute(const AttentionKernel& k, OrtKernelContext* context) {
+  const OrtValue *q = nullptr, *key = nullptr, *value = nullptr;
+  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 0, &q));
+  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 1, &key));
+  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 2, &value));
+  std::vector<int64_t> qd, kd, vd;
+  SDRT_RETURN_IF_ERROR(shape_of(q, &qd));
+  SDRT_RETURN_IF_ERROR(shape_of(key, &kd));
+  SDRT_RETURN_IF_ERROR(shape_of(value, &vd));
+  if (qd.size() != 3 || kd.size() != 3 || vd != kd || kd[0] != qd[0] || kd[2] != qd[2])
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT,
+                               "ai.sdrt.Attention: Q must be [B, S, hidden], K and V [B, L, hidden] alike");
+  if (qd[2] % k.heads != 0) {
+    const std::string msg = "ai.sdrt.Attention: hidden size " + std::to_string(qd[2]) + " is not a multiple of " +
+                            std::to_string(k.heads) + " heads";
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT, msg.c_str());
+  }
+  sdrt::AttentionShape s{qd[0], qd[1], kd[1], k.heads, qd[2] / k.heads, k.scale};
+  OrtValue* y = nullptr;
+  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, qd.data(), qd.size(), &y));
+  if (s.b == 0 || s.s == 0) return nullptr;
+  if (s.l == 0) return g_api->CreateStatus(ORT_INVALID_ARGUMENT, "ai.sdrt.Attention: K and V hold no tokens");
+  const float *qp = nullptr, *kp = nullptr, *vp = nullptr;
+  float* yp = nullptr;
+  SDRT_RETURN_IF_ERROR(input_data(q, &qp));
+  SDRT_RETURN_IF_ERROR(input_data(key, &kp));
+  SDRT_RETURN_IF_ERROR(input_data(value, &vp));
+  SDRT_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, reinterpret_cast<void**>(&yp)));
+  sdrt::AttentionJob job(s, qp, kp, vp, yp, k.math);
+  SDRT_RETURN_IF_ERROR(
+      g_api->KernelContext_ParallelFor(context, attention_pack_job, static_cast<size_t>(job.pack_tasks()), 0, &job));
+  return g_api->KernelContext_ParallelFor(context, attention_run_job, static_cast<size_t>(job.tasks()), 0, &job);
+}
+
+OrtStatus* ORT_API_CALL attention_create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
+                                         void** kernel) {
+  auto* k = new AttentionKernel();
+  int64_t math = 0;
+  attribute_int(info, "num_heads", 0, &k->heads);
+  attribute_float(info, "scale", 0.0f, &k->scale);
+  attribute_int(info, "math", 0, &math);
+  if (k->heads <= 0 || math < 0 || math > 1) {
+    delete k;
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT,
+                               "ai.sdrt.Attention: 'num_heads' must be positive and 'math' 0 (auto) or 1 (float32)");
+  }
+  k->math = math == 1 ? sdrt::AttentionMath::kFloat32 : sdrt::AttentionMath::kAuto;
+  *kernel = k;
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL attention_compute_v2(void* kernel, OrtKernelContext* context) {
+  return attention_compute(*static_cast<AttentionKernel*>(kernel), context);
+}
+
+void ORT_API_CALL attention_destroy(void* kernel) { delete static_cast<AttentionKernel*>(kernel); }
+
 // -- the OrtCustomOp table ------------------------------------------------------------------------
 
 const char* ORT_API_CALL group_norm_name(const OrtCustomOp*) { return "GroupNorm"; }
+const char* ORT_API_CALL attention_name(const OrtCustomOp*) { return "Attention"; }
 const char* ORT_API_CALL cpu_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
 const char* ORT_API_CALL cuda_provider(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
 ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp*, size_t) {
@@ -224,11 +306,15 @@ void ORT_API_CALL release_pairs(int*, int*) {}
 using ProviderFn = const char*(ORT_API_CALL*)(const OrtCustomOp*);
 using TypeFn = ONNXTensorElementDataType(ORT_API_CALL*)(const OrtCustomOp*, size_t);
 
-OrtCustomOp make_group_norm_op(ProviderFn provider, TypeFn input_type, TypeFn output_type) {
+// An op of three required inputs and one output
+OrtCustomOp make_op(const char*(ORT_API_CALL* name)(const OrtCustomOp*), ProviderFn provider, TypeFn input_type,
+                    TypeFn output_type,
+                    OrtStatus*(ORT_API_CALL* create)(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void**),
+                    OrtStatus*(ORT_API_CALL* compute)(void*, OrtKernelContext*), void(ORT_API_CALL* destroy)(void*)) {
   OrtCustomOp op;
   std::memset(&op, 0, sizeof(op));
   op.version = kApiVersion;
-  op.GetName = group_norm_name;
+  op.GetName = name;
   op.GetExecutionProviderType = provider;
   op.GetInputType = input_type;
   op.GetInputTypeCount = three;
@@ -241,10 +327,10 @@ OrtCustomOp make_group_norm_op(ProviderFn provider, TypeFn input_type, TypeFn ou
   op.GetVariadicInputHomogeneity = variadic_homogeneous;
   op.GetVariadicOutputMinArity = variadic_arity;
   op.GetVariadicOutputHomogeneity = variadic_homogeneous;
-  op.CreateKernelV2 = group_norm_create;
-  op.KernelComputeV2 = group_norm_compute_v2;
-  op.KernelDestroy = group_norm_destroy;
-  op.InferOutputShapeFn = nullptr;  // Y has X's shape: declared in the graph by the fusing pass
+  op.CreateKernelV2 = create;
+  op.KernelComputeV2 = compute;
+  op.KernelDestroy = destroy;
+  op.InferOutputShapeFn = nullptr;  // Y has X's (Q's) shape: declared in the graph by the pass
   op.GetStartVersion = start_version;
   op.GetEndVersion = end_version;
   op.GetMayInplace = no_pairs;
@@ -254,7 +340,14 @@ OrtCustomOp make_group_norm_op(ProviderFn provider, TypeFn input_type, TypeFn ou
   return op;
 }
 
+OrtCustomOp make_group_norm_op(ProviderFn provider, TypeFn input_type, TypeFn output_type) {
+  return make_op(group_norm_name, provider, input_type, output_type, group_norm_create, group_norm_compute_v2,
+                 group_norm_destroy);
+}
+
 const OrtCustomOp kGroupNorm = make_group_norm_op(cpu_provider, float_type, float_type);
+const OrtCustomOp kAttention = make_op(attention_name, cpu_provider, float_type, float_type, attention_create,
+                                       attention_compute_v2, attention_destroy);
 #ifdef SDRT_WITH_CUDA
 const OrtCustomOp kGroupNormCuda = make_group_norm_op(cuda_provider, float_type, float_type);
 const OrtCustomOp kGroupNormCudaHalf = make_group_norm_op(cuda_provider, half_input_type, half_type);
@@ -268,6 +361,7 @@ extern "C" SDRT_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions*
   OrtCustomOpDomain* domain = nullptr;
   SDRT_RETURN_IF_ERROR(g_api->CreateCustomOpDomain(kDomain, &domain));
   SDRT_RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &kGroupNorm));
+  SDRT_RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &kAttention));
 #ifdef SDRT_WITH_CUDA
   SDRT_RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &kGroupNormCuda));
   SDRT_RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &kGroupNormCudaHalf));
