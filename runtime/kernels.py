@@ -98,6 +98,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, scale: fl
     rc = load().sdrt_attention_f32(q.ctypes.data_as(f), k.ctypes.data_as(f), v.ctypes.data_as(f),
                                    out.ctypes.data_as(f), b, s, k.shape[1], heads, hidden // heads,
                                    float(scale or 0.0), ATTENTION_MATH[math])
+    if rc == -2:
+        raise SdrtError(f"attention: out of memory for the packed keys and values of k {list(k.shape)}")
     if rc < 0:
         raise SdrtError(f"attention: the kernel refused shapes q {list(q.shape)}, k {list(k.shape)}")
     return out, _ATTENTION_FORMS[rc]

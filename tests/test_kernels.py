@@ -131,3 +131,36 @@ def test_attention_rejects_bad_shapes():
         kernels.attention(q, np.zeros((1, 4, 12), np.float32), np.zeros((1, 4, 12), np.float32), 2)
     with pytest.raises(Exception, match="unknown math 'fp8'"):
         kernels.attention(q, q, q, 2, math="fp8")
+
+
+def _attention_session(op: str, domain: str, heads: int, hidden: int, **attrs):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", n + "_len", hidden]) for n in "qkv"]
+    node = helper.make_node(op, ["q", "k", "v"], ["y"], domain=domain, num_heads=heads, **attrs)
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)])
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(kernels.library_path()))
+    opts.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def test_attention_op_in_onnx_runtime():
+    """The op as sessions run it (the session's threads): math=1 is ONNX Runtime's
+    MultiHeadAttention up to float rounding, the default (bf16 where available) close to it, an
+    explicit scale honoured; shapes that do not split into heads are one clear error."""
+    rng = np.random.default_rng(3)
+    feeds = {"q": rng.standard_normal((2, 70, 48), dtype=np.float32),
+             "k": rng.standard_normal((2, 90, 48), dtype=np.float32),
+             "v": rng.standard_normal((2, 90, 48), dtype=np.float32)}
+    ref = _attention_session("MultiHeadAttention", "com.microsoft", 4, 48).run(None, feeds)[0]
+    f32 = _attention_session("Attention", "ai.sdrt", 4, 48, math=1).run(None, feeds)[0]
+    np.testing.assert_allclose(f32, ref, rtol=1e-5, atol=1e-5)
+    auto = _attention_session("Attention", "ai.sdrt", 4, 48).run(None, feeds)[0]
+    assert psnr(auto, ref) > 55
+    scaled = _attention_session("Attention", "ai.sdrt", 4, 48, math=1, scale=0.2).run(None, feeds)[0]
+    np.testing.assert_allclose(scaled, attention_ref(feeds["q"], feeds["k"], feeds["v"], 4, 0.2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="hidden size 48 is not a multiple of 5 heads"):
+        _attention_session("Attention", "ai.sdrt", 5, 48).run(None, feeds)

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <new>
 
 #include "common/api.h"
 #include "common/exp.h"
@@ -175,6 +176,8 @@ void AttentionJob::run_task(int64_t task) {
   const uint32_t* kp = packed_.data() + bh * head_units_;
   const uint32_t* vp = kp + k_units_;
   const float qscale = scale_ * kLog2e;  // scores in the log2 domain: softmax by exp2
+  std::vector<uint32_t> q(static_cast<size_t>(kRows * steps_));
+  std::vector<float> o(static_cast<size_t>(kRows * dpad_));
   for (int64_t r0 = row0; r0 < row0 + rows; r0 += kRows) {
     const int n = static_cast<int>(std::min<int64_t>(kRows, row0 + rows - r0));
     const float* qrows[kRows];
@@ -185,9 +188,11 @@ void AttentionJob::run_task(int64_t task) {
       orows[r] = out_ + (b * shape_.s + row) * hd + h * shape_.d;
     }
     if (form_ == Form::kBFloat16)
-      avx512_bf16::rows(qrows, orows, n, shape_.d, shape_.l, steps_, dpad_, qscale, kp, vp);
+      avx512_bf16::rows(qrows, orows, n, shape_.d, shape_.l, steps_, dpad_, qscale, kp, vp, q.data(),
+                        o.data());
     else
-      avx512_f32::rows(qrows, orows, n, shape_.d, shape_.l, steps_, dpad_, qscale, kp, vp);
+      avx512_f32::rows(qrows, orows, n, shape_.d, shape_.l, steps_, dpad_, qscale, kp, vp, q.data(),
+                       o.data());
   }
 #endif
 }
@@ -216,8 +221,12 @@ extern "C" int32_t sdrt_attention_f32(const float* q, const float* k, const floa
                                       int32_t math) {
   sdrt::AttentionShape shape{b, s, l, heads, d, scale};
   if (!q || !k || !v || !out || !shape.valid() || math < 0 || math > 3) return -1;
-  sdrt::AttentionJob job(shape, q, k, v, out, static_cast<sdrt::AttentionMath>(math));
-  for (int64_t t = 0; t < job.pack_tasks(); ++t) job.pack_task(t);
-  for (int64_t t = 0; t < job.tasks(); ++t) job.run_task(t);
-  return static_cast<int32_t>(job.form());
+  try {
+    sdrt::AttentionJob job(shape, q, k, v, out, static_cast<sdrt::AttentionMath>(math));
+    for (int64_t t = 0; t < job.pack_tasks(); ++t) job.pack_task(t);
+    for (int64_t t = 0; t < job.tasks(); ++t) job.run_task(t);
+    return static_cast<int32_t>(job.form());
+  } catch (const std::bad_alloc&) {
+    return -2;
+  }
 }

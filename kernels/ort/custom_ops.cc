@@ -22,7 +22,9 @@
 //
 // The CUDA build is a separate library so that the CPU one never depends on the CUDA runtime; it
 // registers the CPU op too, and a session loads one of the two.
+#include <atomic>
 #include <cstring>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -205,12 +207,29 @@ struct AttentionKernel {
   sdrt::AttentionMath math = sdrt::AttentionMath::kAuto;
 };
 
+// One call on the intra-op threads; a task that cannot allocate its scratch marks the call failed
+// (no exception may cross ONNX Runtime's thread pool)
+struct AttentionCall {
+  sdrt::AttentionJob* job;
+  std::atomic<bool> failed{false};
+};
+
 void attention_pack_job(void* data, size_t task) {
-  static_cast<sdrt::AttentionJob*>(data)->pack_task(static_cast<int64_t>(task));
+  auto* call = static_cast<AttentionCall*>(data);
+  try {
+    call->job->pack_task(static_cast<int64_t>(task));
+  } catch (...) {
+    call->failed = true;
+  }
 }
 
 void attention_run_job(void* data, size_t task) {
-  static_cast<sdrt::AttentionJob*>(data)->run_task(static_cast<int64_t>(task));
+  auto* call = static_cast<AttentionCall*>(data);
+  try {
+    call->job->run_task(static_cast<int64_t>(task));
+  } catch (...) {
+    call->failed = true;
+  }
 }
 
 OrtStatus* attention_compute(const AttentionKernel& k, OrtKernelContext* context) {
@@ -241,10 +260,19 @@ OrtStatus* attention_compute(const AttentionKernel& k, OrtKernelContext* context
   SDRT_RETURN_IF_ERROR(input_data(key, &kp));
   SDRT_RETURN_IF_ERROR(input_data(value, &vp));
   SDRT_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, reinterpret_cast<void**>(&yp)));
-  sdrt::AttentionJob job(s, qp, kp, vp, yp, k.math);
-  SDRT_RETURN_IF_ERROR(
-      g_api->KernelContext_ParallelFor(context, attention_pack_job, static_cast<size_t>(job.pack_tasks()), 0, &job));
-  return g_api->KernelContext_ParallelFor(context, attention_run_job, static_cast<size_t>(job.tasks()), 0, &job);
+  const char* oom = "ai.sdrt.Attention: out of memory for the packed keys and values";
+  try {
+    sdrt::AttentionJob job(s, qp, kp, vp, yp, k.math);
+    AttentionCall call{&job};
+    SDRT_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, attention_pack_job,
+                                                          static_cast<size_t>(job.pack_tasks()), 0, &call));
+    if (!call.failed)
+      SDRT_RETURN_IF_ERROR(
+          g_api->KernelContext_ParallelFor(context, attention_run_job, static_cast<size_t>(job.tasks()), 0, &call));
+    return call.failed ? g_api->CreateStatus(ORT_FAIL, oom) : nullptr;
+  } catch (const std::bad_alloc&) {
+    return g_api->CreateStatus(ORT_FAIL, oom);
+  }
 }
 
 OrtStatus* ORT_API_CALL attention_create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
