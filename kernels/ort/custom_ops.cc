@@ -79,6 +79,15 @@ OrtStatus* shape_of(const OrtValue* value, std::vector<int64_t>* dims) {
   return status;
 }
 
+// The three inputs of an op (GroupNorm, Attention) and their shapes
+OrtStatus* three_inputs(OrtKernelContext* context, const OrtValue* values[3], std::vector<int64_t> dims[3]) {
+  for (size_t i = 0; i < 3; ++i) {
+    SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, i, &values[i]));
+    SDRT_RETURN_IF_ERROR(shape_of(values[i], &dims[i]));
+  }
+  return nullptr;
+}
+
 // API 21 has no const accessor; inputs are only read
 OrtStatus* input_data(const OrtValue* value, const float** out) {
   void* data = nullptr;
@@ -135,14 +144,11 @@ OrtStatus* group_norm_compute_cuda(const OrtValue*, const GroupNormJob&, OrtKern
 #endif
 
 OrtStatus* group_norm_compute(const GroupNormKernel& k, OrtKernelContext* context) {
-  const OrtValue *x = nullptr, *gamma = nullptr, *beta = nullptr;
-  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 0, &x));
-  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 1, &gamma));
-  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 2, &beta));
-  std::vector<int64_t> dims, gdims, bdims;
-  SDRT_RETURN_IF_ERROR(shape_of(x, &dims));
-  SDRT_RETURN_IF_ERROR(shape_of(gamma, &gdims));
-  SDRT_RETURN_IF_ERROR(shape_of(beta, &bdims));
+  const OrtValue* in[3] = {};
+  std::vector<int64_t> shapes[3];
+  SDRT_RETURN_IF_ERROR(three_inputs(context, in, shapes));
+  const OrtValue *x = in[0], *gamma = in[1], *beta = in[2];
+  const std::vector<int64_t>&dims = shapes[0], &gdims = shapes[1], &bdims = shapes[2];
   if (dims.size() < 2) return g_api->CreateStatus(ORT_INVALID_ARGUMENT, "ai.sdrt.GroupNorm: X needs rank >= 2");
   sdrt::GroupNormShape s;
   s.n = dims[0];
@@ -233,14 +239,11 @@ void attention_run_job(void* data, size_t task) {
 }
 
 OrtStatus* attention_compute(const AttentionKernel& k, OrtKernelContext* context) {
-  const OrtValue *q = nullptr, *key = nullptr, *value = nullptr;
-  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 0, &q));
-  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 1, &key));
-  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetInput(context, 2, &value));
-  std::vector<int64_t> qd, kd, vd;
-  SDRT_RETURN_IF_ERROR(shape_of(q, &qd));
-  SDRT_RETURN_IF_ERROR(shape_of(key, &kd));
-  SDRT_RETURN_IF_ERROR(shape_of(value, &vd));
+  const OrtValue* in[3] = {};
+  std::vector<int64_t> shapes[3];
+  SDRT_RETURN_IF_ERROR(three_inputs(context, in, shapes));
+  const OrtValue *q = in[0], *key = in[1], *value = in[2];
+  const std::vector<int64_t>&qd = shapes[0], &kd = shapes[1], &vd = shapes[2];
   if (qd.size() != 3 || kd.size() != 3 || vd != kd || kd[0] != qd[0] || kd[2] != qd[2])
     return g_api->CreateStatus(ORT_INVALID_ARGUMENT,
                                "ai.sdrt.Attention: Q must be [B, S, hidden], K and V [B, L, hidden] alike");
