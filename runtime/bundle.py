@@ -67,7 +67,7 @@ class Bundle:
         """The reduced precisions exported for a device kind: {precision: the export's record,
         with its measured fidelity and whether it may be the default}."""
         kind = device.split(":")[0]
-        return {p: r for p, r in self.manifest.get("precisions", {}).get(kind, {}).items()}
+        return dict(self.manifest.get("precisions", {}).get(kind, {}))
 
     def default_precision(self, device: str = "cpu") -> str:
         """What ``--precision auto`` runs on ``device``: an exported reduced precision whose

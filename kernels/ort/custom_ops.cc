@@ -220,19 +220,12 @@ struct AttentionCall {
   std::atomic<bool> failed{false};
 };
 
-void attention_pack_job(void* data, size_t task) {
+// Runs one task of a phase (AttentionJob::pack_task or run_task) for KernelContext_ParallelFor
+template <void (sdrt::AttentionJob::*kTask)(int64_t)>
+void attention_task(void* data, size_t task) {
   auto* call = static_cast<AttentionCall*>(data);
   try {
-    call->job->pack_task(static_cast<int64_t>(task));
-  } catch (...) {
-    call->failed = true;
-  }
-}
-
-void attention_run_job(void* data, size_t task) {
-  auto* call = static_cast<AttentionCall*>(data);
-  try {
-    call->job->run_task(static_cast<int64_t>(task));
+    (call->job->*kTask)(static_cast<int64_t>(task));
   } catch (...) {
     call->failed = true;
   }
@@ -267,11 +260,11 @@ OrtStatus* attention_compute(const AttentionKernel& k, OrtKernelContext* context
   try {
     sdrt::AttentionJob job(s, qp, kp, vp, yp, k.math);
     AttentionCall call{&job};
-    SDRT_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, attention_pack_job,
+    SDRT_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, attention_task<&sdrt::AttentionJob::pack_task>,
                                                           static_cast<size_t>(job.pack_tasks()), 0, &call));
     if (!call.failed)
-      SDRT_RETURN_IF_ERROR(
-          g_api->KernelContext_ParallelFor(context, attention_run_job, static_cast<size_t>(job.tasks()), 0, &call));
+      SDRT_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, attention_task<&sdrt::AttentionJob::run_task>,
+                                                            static_cast<size_t>(job.tasks()), 0, &call));
     return call.failed ? g_api->CreateStatus(ORT_FAIL, oom) : nullptr;
   } catch (const std::bad_alloc&) {
     return g_api->CreateStatus(ORT_FAIL, oom);
