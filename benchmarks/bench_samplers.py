@@ -16,11 +16,29 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.runtime import bench, sampling, schedules
-from sdrt.runtime.rng import BrownianTreeNoise, ImageRNG
+from sdrt.benchmarks.machine import machine, versions
+from sdrt.benchmarks.records import RecordWriter, read_records, utc_now
+from sdrt.benchmarks.timing import time_fn
+from sdrt.runtime import sampling
+from sdrt.runtime.sampling import schedules
+from sdrt.runtime.sampling.noise import BrownianTreeNoise, ImageRNG
 
 RESULTS = Path(__file__).parent / "results"
 SHAPE = (4, 4, 64, 64)
+
+
+class FreeDenoiser:
+    """A denoiser that costs nothing: it returns a prepared array, and keeps it as its unconditional
+    prediction too, as a ``CFGDenoiser`` does for the CFG++ samplers (``keep_uncond``, ``last_uncond``)."""
+
+    def __init__(self, out: np.ndarray):
+        self.out = self.last_uncond = out
+        self.keep_uncond = False
+        self.calls = 0
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        return self.out
 
 
 def unet_step_ms() -> tuple[float | None, str]:
@@ -28,7 +46,7 @@ def unet_step_ms() -> tuple[float | None, str]:
     path = RESULTS / "unet_step_cpu.jsonl"
     if not path.exists():
         return None, "no record"
-    recs = [r for r in bench.read_records([path]) if r.get("runtime") == "sdrt"
+    recs = [r for r in read_records([path]) if r.get("runtime") == "sdrt"
             and r.get("workload", {}).get("width") == 512 and r.get("status") == "ok"]
     if not recs:
         return None, "no record"
@@ -50,19 +68,13 @@ def main(argv=None) -> int:
     table = schedules.model_sigmas(schedules.alphas_cumprod())
     ac = schedules.alphas_cumprod()
     unet_ms, unet_what = unet_step_ms()
-    writer = bench.RecordWriter(args.results)
-    run = f"samplers-{bench.utc_now()}"
+    writer = RecordWriter(args.results)
+    run = f"samplers-{utc_now()}"
 
     print(f"sampler overhead per model call, batch {SHAPE}, {args.steps} steps, float32")
     print(f"{'sampler':<20}{'calls':>6}{'ms/call':>10}{'vs UNet step':>14}")
     for info in sampling.SAMPLERS.values():
-        calls = 0
-
-        def denoise(x, sigma):
-            nonlocal calls
-            calls += 1
-            return out
-
+        denoise = FreeDenoiser(out)
         options = dict(info.options)
         if info.family == "timesteps":
             ts = sampling.timesteps_for(info, args.steps)
@@ -75,19 +87,19 @@ def main(argv=None) -> int:
             # the tree's draws are timed apart below: here the SDE samplers get plain noise too
             fn = lambda: info.fn(denoise, x0 * np.float32(sigmas[0]), sigmas, noise=lambda *a: noise,  # noqa: E731
                                  **options)
-        timing = bench.time_fn(fn, warmup=1, repeats=args.repeats)
-        n_calls = calls // (args.repeats + 1)
+        timing = time_fn(fn, warmup=1, repeats=args.repeats)
+        n_calls = denoise.calls // (args.repeats + 1)
         ms = timing["median_s"] * 1e3 / n_calls
         ratio = f"{ms / unet_ms:.2e}" if unet_ms else "-"
         print(f"{info.name:<20}{n_calls:>6}{ms:>10.3f}{ratio:>14}")
         writer.write({"schema": "sdrt-bench/1", "run": run, "measurement": "sampler_step_overhead",
-                      "machine": bench.machine(), "versions": bench.versions(), "sampler": info.name,
+                      "machine": machine(), "versions": versions(), "sampler": info.name,
                       "shapes": {"x": list(SHAPE)}, "steps": args.steps, "model_calls": n_calls,
                       "timing": timing, "ms": ms, "unet_step_ms": unet_ms, "status": "ok"})
 
     image_rng = ImageRNG(SHAPE[1:], [1, 2, 3, 4])
     image_rng.next()
-    t_rng = bench.time_fn(image_rng.next, warmup=1, repeats=args.repeats)
+    t_rng = time_fn(image_rng.next, warmup=1, repeats=args.repeats)
     tree = BrownianTreeNoise(SHAPE[1:], [1, 2, 3, 4], float(table[0]), float(table[-1]))
     sig = sampling.sigmas_for("Karras", args.steps, table)
     steps_iter = iter(range(10**9))
@@ -95,7 +107,7 @@ def main(argv=None) -> int:
     def tree_step():
         i = next(steps_iter) % (args.steps - 1)  # the SDE samplers draw no noise on the last step
         return tree(float(sig[i]), float(sig[i + 1]))
-    t_tree = bench.time_fn(tree_step, warmup=args.steps, repeats=args.steps)
+    t_tree = time_fn(tree_step, warmup=args.steps, repeats=args.steps)
     print(f"noise per step: image generators {t_rng['median_s'] * 1e3:.2f} ms, "
           f"Brownian tree (4 trees, each step a new interval) {t_tree['median_s'] * 1e3:.2f} ms")
     print(f"UNet step (SD 1.5, 512x512, guided): {f'{unet_ms:.0f} ms' if unet_ms else '-'} [{unet_what}]")

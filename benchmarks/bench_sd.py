@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from sdrt.runtime.cli import main
+from sdrt.cli import main
 
 if __name__ == "__main__":
     main(["bench", *sys.argv[1:]], prog_name="python -m benchmarks.bench_sd")

@@ -14,7 +14,7 @@ five timesteps at 256x256, not the measured input); and OpenVINO's CPU plugin on
 
 Seeded random weights (timing needs no trained weights), batch 2 (cond + uncond), 77 text
 tokens, fp32. Both peers run in this process with the same thread count, timed by sdrt's one
-loop (``sdrt.runtime.bench.time_fn``) and written in its record format; the printed ratio is
+loop (``sdrt.benchmarks.timing.time_fn``) and written in its record format; the printed ratio is
 what to compare across machines. Only the UNet graph is exported (by sdrt's own exporter;
 weights over 2 GB go to ``model.onnx_data``). ``sdrt bench`` measures the whole pipeline, each
 backend in its own process; this script is the quick UNet-only check.
@@ -34,7 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdrt.runtime import bench
+from sdrt.benchmarks.fidelity import fidelity
+from sdrt.benchmarks.machine import device_info, machine, versions
+from sdrt.benchmarks.records import SCHEMA, RecordWriter, utc_now
+from sdrt.benchmarks.timing import ort_op_profile, time_fn
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -59,10 +62,10 @@ def main(argv=None) -> int:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     from sdrt.export import passes
-    from sdrt.export import precision as export_precision
+    from sdrt.export import quantize as export_precision
     from sdrt.export.configs import sd1_configs
-    from sdrt.export.onnx import UNetGraph, example_sizes, export_component
-    from sdrt.runtime.sessions import Session
+    from sdrt.export.graphs import UNetGraph, example_sizes, export_component
+    from sdrt.runtime.backends import Session
     from sdrt.runtime.spec import unet_spec
 
     torch.set_num_threads(args.threads)
@@ -94,13 +97,13 @@ def main(argv=None) -> int:
     if args.openvino and openvino is None:
         print("openvino: not installed (pip install openvino), peer left out", flush=True)
 
-    from sdrt.runtime import kernels
+    from sdrt.runtime.backends import kernels
     attention = ("ai.sdrt.Attention, bf16 products (AVX-512 BF16)" if kernels.attention_bf16_supported()
                  else "ai.sdrt.Attention, float32 (no AVX-512 BF16 here)")
-    writer = bench.RecordWriter(args.results)
-    host = bench.machine()
-    common = {"schema": bench.SCHEMA, "run": f"unet-step-{bench.utc_now()}", "machine": host,
-              "versions": bench.versions(), "conditions": args.note, "device": bench.device_info("cpu", host),
+    writer = RecordWriter(args.results)
+    host = machine()
+    common = {"schema": SCHEMA, "run": f"unet-step-{utc_now()}", "machine": host,
+              "versions": versions(), "conditions": args.note, "device": device_info("cpu", host),
               "precision": "fp32", "measurement": "unet_step", "steps": None, "status": "ok",
               "threads": args.threads, "peak_host_mb": None, "peak_device_mb": None,
               "peak_host_method": "not measured (both peers share one process)"}
@@ -113,7 +116,7 @@ def main(argv=None) -> int:
                 return unet(xt, tt, ct).sample
 
         ref = run_torch().numpy()
-        t_torch = bench.time_fn(run_torch, repeats=args.repeats)
+        t_torch = time_fn(run_torch, repeats=args.repeats)
         torch_name = f"torch-{args.attention}"
         rows = [(torch_name, "torch", t_torch, {"against": f"{torch_name}-fp32", "reference": True}, "fp32")]
         line = [f"{size}x{size}: {torch_name} fp32 {t_torch['median_s']:.2f} s"]
@@ -124,11 +127,11 @@ def main(argv=None) -> int:
         for name, load in loaders.items():
             run = load()
             ours = run()
-            timing = bench.time_fn(run, repeats=args.repeats)
+            timing = time_fn(run, repeats=args.repeats)
             runtime = "openvino" if name.startswith("openvino") else "sdrt"
             precision = ({"f32": "fp32", "f16": "fp16", "bf16": "bf16"}[openvino.hint] if runtime == "openvino"
                          else "int8" if "-int8" in name else "fp32")
-            rows.append((name, runtime, timing, {"against": f"{torch_name}-fp32", **bench.fidelity(ref, ours)},
+            rows.append((name, runtime, timing, {"against": f"{torch_name}-fp32", **fidelity(ref, ours)},
                          precision))
             line.append(f"{name} {precision} {timing['median_s']:.2f} s "
                         f"({t_torch['median_s'] / timing['median_s']:.2f}x)")
@@ -154,12 +157,12 @@ def main(argv=None) -> int:
             if runtime == "openvino":
                 options = {"graph": "model.onnx", "openvino": openvino.version, "shapes": "static per size",
                            "precision_hint": openvino.hint, "capabilities": openvino.capabilities}
-            writer.write({**common, "date": bench.utc_now(), "workload": workload, "backend": name, "runtime": runtime,
+            writer.write({**common, "date": utc_now(), "workload": workload, "backend": name, "runtime": runtime,
                           "precision": precision, "options": options, "shapes": shapes, "timing": timing, "ms": timing["median_s"] * 1000,
                           "fidelity": fid})
         if args.profile:
             for name, path in graphs.items():
-                summary = bench.ort_op_profile(path, feeds, threads=args.threads)
+                summary = ort_op_profile(path, feeds, threads=args.threads)
                 out = Path(args.results).with_name(f"unet_step_profile_{name}_{size}.json")
                 out.write_text(json.dumps({"graph": path.name, "size": size, "threads": args.threads,
                                            "machine": host, "by_op_type": summary}, indent=2) + "\n")

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sdrt.runtime import bench
+from sdrt.benchmarks.machine import machine, versions
+from sdrt.benchmarks.records import utc_now
+from sdrt.benchmarks.timing import time_fn
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     torch_s = dict(zip(args.sizes, args.torch_s)) if args.torch_s else latest_torch_times(Path(args.records))
     work = {size: unet_work(size) for size in args.sizes}
     peaks = measure_peaks(args.threads)
-    report = {"date": bench.utc_now(), "machine": bench.machine(), "versions": bench.versions(),
+    report = {"date": utc_now(), "machine": machine(), "versions": versions(),
               "threads": args.threads, "peaks_gops": peaks, "sizes": {}}
     for size in args.sizes:
         w = work[size]
@@ -125,7 +127,7 @@ def measure_peaks(threads: int) -> dict[str, float]:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from sdrt.runtime import kernels
+    from sdrt.runtime.backends import kernels
 
     rng = np.random.default_rng(0)
     opts = ort.SessionOptions()
@@ -137,7 +139,7 @@ def measure_peaks(threads: int) -> dict[str, float]:
                                   initializer=inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.sdrt", 1)])
         session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        timing = bench.time_fn(lambda: session.run(None, feeds), repeats=5)
+        timing = time_fn(lambda: session.run(None, feeds), repeats=5)
         return round(gop / timing["median_s"], 1)
 
     def scalar(name, value, dtype):

@@ -31,8 +31,14 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.errors import CheckpointError
-from .load import ARCHITECTURE_NAMES, detect_architecture, load_diffusers_folder, load_state_dict, sd1_configs
+from sdrt.export.load import (
+    ARCHITECTURE_NAMES,
+    detect_architecture,
+    load_diffusers_folder,
+    load_state_dict,
+    sd1_configs,
+)
+from sdrt.runtime.errors import CheckpointError
 
 __all__ = [
     "COMPONENTS",
@@ -318,9 +324,9 @@ def _clip_config(config: dict):
 
 def _instantiate(configs: dict) -> tuple:
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.utils import logging as df_logging
     from transformers import CLIPTextModel
     from transformers.utils import logging as hf_logging
-    from diffusers.utils import logging as df_logging
 
     df_verbosity = df_logging.get_verbosity()
     hf_verbosity = hf_logging.get_verbosity()

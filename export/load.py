@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.errors import CheckpointError
-from .configs import sd1_configs
+from sdrt.export.configs import sd1_configs
+from sdrt.runtime.errors import CheckpointError
 
 __all__ = [
     "ARCHITECTURE_NAMES",

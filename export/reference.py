@@ -7,38 +7,28 @@ shared and what is independent:
   from token ids, not sdrt's exported text graph), the tokenizer (transformers' ``CLIPTokenizer``
   on the bundle's vocabulary), the noise (``torch.Generator`` per image, re-seeded for ENSD as the
   webui does), the denoiser scalings, sigma -> t mapping and CFG (written here in torch);
-- shared: the sampler functions of ``sdrt.runtime.samplers`` (pure arithmetic, run here on torch
+- shared: the sampler functions of ``sdrt.runtime.sampling.samplers`` (pure arithmetic, run here on torch
   tensors) and the 77-token chunk layout; both are checked against k-diffusion and the webui's
   tables by their own tests.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sdrt.export.bundle import load_checkpoint
 from sdrt.export import convert
-from sdrt.runtime import sampling, schedules
-from sdrt.runtime.denoiser import CFGDenoiser
+from sdrt.export.write import load_checkpoint
+from sdrt.runtime import sampling
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.pipeline import GenerationParams, Pipeline, to_uint8
-from sdrt.runtime.rng import ImageRNG
-from sdrt.runtime.text import make_chunks
-
-
-def psnr(ref: np.ndarray, out: np.ndarray, peak: float | None = None) -> float:
-    """PSNR of ``out`` against ``ref``; the peak is the reference's range unless given."""
-    ref = np.asarray(ref, dtype=np.float64)
-    out = np.asarray(out, dtype=np.float64)
-    mse = float(np.mean((ref - out) ** 2))
-    peak = float(ref.max() - ref.min()) if peak is None else peak
-    if mse == 0:
-        return float("inf")
-    return 10 * math.log10(peak**2 / mse)
+from sdrt.runtime.metrics import psnr
+from sdrt.runtime.pipeline.txt2img import GenerationParams, Pipeline, to_uint8
+from sdrt.runtime.sampling import schedules
+from sdrt.runtime.sampling.denoiser import CFGDenoiser
+from sdrt.runtime.sampling.noise import ImageRNG
+from sdrt.runtime.text.encoder import make_chunks
 
 
 def _stage(ref, out, peak=None) -> dict:
@@ -126,7 +116,8 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path, p: GenerationParam
     """
     torch.set_grad_enabled(False)
     pipe = Pipeline(bundle, device=device, precision=precision)
-    info, schedule, width, height = pipe.check(p)
+    plan = pipe.plan(p)
+    info, schedule, width, height = plan.sampler, plan.schedule, plan.width, plan.height
     ref = TorchReference(checkpoint, pipe.bundle.path / "tokenizer")
     seed = max(p.seed, 0)
     f = pipe.bundle.vae_scale_factor
@@ -141,8 +132,8 @@ def verify_bundle(bundle: str | Path, checkpoint: str | Path, p: GenerationParam
                                  arch=pipe.bundle.architecture)
 
     # Runtime: the pipeline's own stages
-    cond, uncond = pipe.conditioning(p)
-    lat_rt = pipe.sample(p, [seed], cond, uncond)
+    cond, uncond = pipe.conditioning(plan)
+    lat_rt = pipe.sample(plan, [seed], cond, uncond)
     image_rt = to_uint8(pipe.decode_float(lat_rt)[0])
 
     # Reference: torch modules, torch generators (re-seeded for ENSD after the first draw, as the webui)

@@ -1,24 +1,48 @@
-"""Reading a bundle directory: sdrt's own (``sdrt.json``) or one written by ``optimum-cli export onnx``."""
+"""Bundles: the ``sdrt.json`` manifest (:class:`Manifest`, the one definition the exporter writes
+and the runtime reads) and opening a bundle directory, sdrt's own or one written by
+``optimum-cli export onnx`` (its manifest inferred from the component configs)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdrt.runtime import kernels
+from sdrt.runtime.backends import kernels
 from sdrt.runtime.errors import CheckpointError
 from sdrt.runtime.precision import PRECISION_KINDS, int8_saturates
+from sdrt.runtime.spec import ComponentSpec
+from sdrt.runtime.text.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "sdrt.json"
+FORMAT = "sdrt-bundle"
+OPTIMUM_FORMAT = "optimum"  # the format of inferred manifests; never written
 FORMAT_VERSION = 1
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 REQUIRED = ("text_encoder", "unet", "vae_decoder")
+TOKEN_EMBEDDINGS = "text_encoder/token_embeddings.npy"
+TOKENIZER_FILES = ("tokenizer/vocab.json", "tokenizer/merges.txt")  # where the text encoder looks (fixed)
+BETA_SCHEDULES = ("scaled_linear", "linear")  # what schedules.alphas_cumprod computes
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the Denoiser converts
+# CLIP's special tokens (SD 1.x pads with EOS), defined with the tokenizer
+_CLIP_BOS, _CLIP_EOS = BOS_TOKEN_ID, EOS_TOKEN_ID
+
+
+def component_path(name: str) -> str:
+    """A component's portable graph, relative to the bundle (the optimum / diffusers layout)."""
+    return f"{name}/model.onnx"
+
+
+def variant_key(kind: str, precision: str = "fp32") -> str:
+    """The key of a component's optimized graph for a device kind and precision: ``cpu`` (fp32,
+    fused), ``cpu-int8``, ``cpu-int8-static``, ``cuda-fp16``."""
+    return kind if precision == "fp32" else f"{kind}-{precision}"
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -29,15 +53,357 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# --- the manifest -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """The DDPM training schedule: the arguments of ``schedules.alphas_cumprod``."""
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TextEncoderInfo:
+    hidden_size: int
+    num_layers: int | None  # None where an optimum config does not say
+    token_embeddings: str | None = None  # sdrt bundles: the table the runtime looks tokens up in
+    bos_token_id: int = _CLIP_BOS
+    eos_token_id: int = _CLIP_EOS
+    pad_token_id: int = _CLIP_EOS
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        if self.token_embeddings is None:
+            del d["token_embeddings"]
+        return d
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An optimized graph of a component for one device kind and precision (see :func:`variant_key`)."""
+    path: str
+    precision: str = "fp32"  # written only when not fp32
+    custom_ops: bool | None = None  # runs only with sdrt's kernels library; None: not recorded (fp16)
+    details: dict = field(default_factory=dict)  # the export's record: pass counts, quantized ops...
+
+    def to_json(self) -> dict:
+        d = {"path": self.path}
+        if self.precision != "fp32":
+            d["precision"] = self.precision
+        if self.custom_ops is not None:
+            d["custom_ops"] = self.custom_ops
+        return d | self.details
+
+
+@dataclass(frozen=True)
+class Component:
+    path: str  # the portable graph: standard ONNX, what every execution provider runs
+    precision: str = "fp32"
+    spec: ComponentSpec | None = None  # the graph's I/O (sdrt bundles)
+    optimized: dict[str, Variant] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = {"path": self.path, "precision": self.precision, **(self.spec.to_json() if self.spec else {})}
+        if self.optimized:
+            d["optimized"] = {k: v.to_json() for k, v in self.optimized.items()}
+        return d
+
+
+@dataclass(frozen=True)
+class PrecisionRecord:
+    """A reduced precision the export wrote for a device kind, with its measured fidelity."""
+    components: dict[str, dict]  # the export's counts per component it changed
+    min_default_psnr: float | None = None
+    fidelity: dict | None = None  # quantize.measure's record; None while unmeasured
+    default: bool = False  # whether the measurement lets ``--precision auto`` pick it
+    calibration: dict | None = None  # int8-static: what the calibration ran
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        if self.calibration is None:
+            del d["calibration"]
+        return d
+
+
+@dataclass(frozen=True)
+class Source:
+    """The checkpoint a bundle was exported from."""
+    name: str | None = None
+    kind: str | None = None  # safetensors, ckpt, diffusers
+    sha256: str | None = None
+    hash: str | None = None  # the webui's short hash (the first 10 hex digits of sha256)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A bundle's ``sdrt.json``. Paths are relative to the bundle directory."""
+    architecture: str
+    prediction_type: str
+    latent_channels: int
+    vae_scale_factor: int  # image pixels per latent pixel
+    latent_scale_factor: float  # the VAE's scaling_factor
+    default_size: tuple[int, int]  # width, height
+    scheduler: Scheduler
+    text_encoder: TextEncoderInfo
+    components: dict[str, Component]
+    source: Source = Source()
+    exporter: dict | None = None  # library versions of the export
+    # {device kind: {precision: record}}
+    precisions: dict[str, dict[str, PrecisionRecord]] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int | None = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        d = {"format": self.format}
+        if self.format_version is not None:
+            d["format_version"] = self.format_version
+        d |= {
+            "architecture": self.architecture,
+            "prediction_type": self.prediction_type,
+            "latent_channels": self.latent_channels,
+            "vae_scale_factor": self.vae_scale_factor,
+            "latent_scale_factor": self.latent_scale_factor,
+            "default_size": list(self.default_size),
+            "scheduler": self.scheduler.to_json(),
+            "text_encoder": self.text_encoder.to_json(),
+            "components": {n: c.to_json() for n, c in self.components.items()},
+            "source": self.source.to_json(),
+        }
+        if self.exporter is not None:
+            d["exporter"] = self.exporter
+        if self.precisions:
+            d["precisions"] = {k: {p: r.to_json() for p, r in rs.items()} for k, rs in self.precisions.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d, bundle_path: str | Path) -> Manifest:
+        """Read and check the ``sdrt.json`` of the bundle at ``bundle_path``; one-line
+        CheckpointError naming the field for a manifest sdrt cannot use, or whose paths leave the bundle."""
+        bundle_path = Path(bundle_path)
+        where = str(bundle_path / MANIFEST)
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{where}: must be a JSON object, got {type(d).__name__}")
+        version = d.get("format_version")
+        if d.get("format") != FORMAT or not isinstance(version, int):
+            raise CheckpointError(f"{where} is not an sdrt bundle manifest")
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"bundle {bundle_path} has format version {version}; this sdrt reads up to "
+                                  f"{FORMAT_VERSION} (upgrade sdrt or re-export)")
+        m = _parse(d, _Fields(where))
+        m.check(where)
+        m.check_paths(bundle_path, where)
+        return m
+
+    def check(self, where: str) -> None:
+        """The checks across fields that parsing alone does not make."""
+        f = self.vae_scale_factor
+        if f & (f - 1):
+            raise CheckpointError(f"{where}: vae_scale_factor must be a power of two, got {f}")
+        if any(s % f for s in self.default_size):
+            raise CheckpointError(f"{where}: default_size {list(self.default_size)} is not a multiple of "
+                                  f"vae_scale_factor {f}")
+        decoder = self.components.get("vae_decoder")
+        if decoder and decoder.spec and decoder.spec.inputs:
+            channels = decoder.spec.inputs[0].shape[1]  # latent_sample [batch, channels, height, width]
+            if isinstance(channels, int) and channels != self.latent_channels:
+                raise CheckpointError(f"{where}: latent_channels {self.latent_channels} disagrees with the "
+                                      f"vae_decoder's {channels}-channel latent_sample")
+
+    def paths(self) -> dict[str, str]:
+        """Every path the manifest names, by field."""
+        out = {}
+        for n, c in self.components.items():
+            out[f"components.{n}.path"] = c.path
+            out |= {f"components.{n}.optimized.{k}.path": v.path for k, v in c.optimized.items()}
+        if self.text_encoder.token_embeddings is not None:
+            out["text_encoder.token_embeddings"] = self.text_encoder.token_embeddings
+        return out
+
+    def check_paths(self, bundle_path: Path, where: str) -> None:
+        """Each path must name a file inside the bundle once symlinks are resolved: a manifest
+        cannot make sdrt read another bundle's graphs or any other file. The tokenizer files have
+        fixed paths, checked alike."""
+        root = bundle_path.resolve()
+        for name, rel in {**self.paths(), **{f: f for f in TOKENIZER_FILES}}.items():
+            target = (bundle_path / rel).resolve()
+            if Path(rel).is_absolute() or target == root or not target.is_relative_to(root):
+                raise CheckpointError(f"{where}: {name} {rel!r} is not a file inside the bundle")
+
+    def with_variant(self, component: str, key: str, variant: Variant) -> Manifest:
+        """This manifest with an optimized graph added to ``component`` under ``key``."""
+        c = self.components[component]
+        c = dataclasses.replace(c, optimized={**c.optimized, key: variant})
+        return dataclasses.replace(self, components={**self.components, component: c})
+
+    def with_precision(self, kind: str, precision: str, record: PrecisionRecord) -> Manifest:
+        """This manifest with ``record`` as the export's record of ``precision`` for ``kind``."""
+        kinds = {**self.precisions, kind: {**self.precisions.get(kind, {}), precision: record}}
+        return dataclasses.replace(self, precisions=kinds)
+
+
+class _Fields:
+    """Typed reads of a manifest's JSON, each failure one line naming the field."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, name: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.where}: {name} {problem}")
+
+    def get(self, d: dict, key: str, prefix: str, kind: type | tuple, what: str, default=...):
+        name = f"{prefix}{key}"
+        if key not in d:
+            if default is ...:
+                raise self.fail(name, "is missing")
+            return default
+        value = d[key]
+        if value is None and default is None:
+            return None
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _tuple(kind)):
+            got = repr(value)
+            raise self.fail(name, f"must be {what}, got {got if len(got) <= 60 else got[:57] + '...'}")
+        return value
+
+    def obj(self, d, key, prefix="", default=...) -> dict:
+        return self.get(d, key, prefix, dict, "an object", default)
+
+    def string(self, d, key, prefix="", default=...) -> str:
+        return self.get(d, key, prefix, str, "a string", default)
+
+    def path(self, d, key, prefix="", default=...) -> str:
+        value = self.get(d, key, prefix, str, "a path", default)
+        if value == "":
+            raise self.fail(f"{prefix}{key}", "must be a path, got ''")
+        return value
+
+    def integer(self, d, key, prefix="", minimum=1, default=...) -> int:
+        value = self.get(d, key, prefix, int, f"an integer >= {minimum}", default)
+        if value is not None and value < minimum:
+            raise self.fail(f"{prefix}{key}", f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    def number(self, d, key, prefix="", default=..., below: float | None = None) -> float:
+        bound = f" and below {below}" if below is not None else ""
+        value = self.get(d, key, prefix, (int, float), f"a positive number{bound}", default)
+        if value is not None and (not value > 0 or (below is not None and value >= below)):
+            raise self.fail(f"{prefix}{key}", f"must be a positive number{bound}, got {value}")
+        return value
+
+    def choice(self, d, key, choices: tuple[str, ...], prefix="") -> str:
+        value = self.string(d, key, prefix)
+        if value not in choices:
+            raise self.fail(f"{prefix}{key}", f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+
+def _tuple(kind) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _parse(d: dict, f: _Fields) -> Manifest:
+    """The typed manifest of a JSON object (the inverse of :meth:`Manifest.to_json`)."""
+    size = f.get(d, "default_size", "", list, "a [width, height] list")
+    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
+        raise f.fail("default_size", f"must be a [width, height] list of positive integers, got {size!r}")
+
+    s = f.obj(d, "scheduler")
+    scheduler = Scheduler(f.integer(s, "num_train_timesteps", "scheduler.", minimum=2),
+                          f.number(s, "beta_start", "scheduler.", below=1),
+                          f.number(s, "beta_end", "scheduler.", below=1),
+                          f.choice(s, "beta_schedule", BETA_SCHEDULES, "scheduler."))
+
+    t = f.obj(d, "text_encoder")
+    text = TextEncoderInfo(f.integer(t, "hidden_size", "text_encoder."),
+                           f.integer(t, "num_layers", "text_encoder.", default=None),
+                           f.path(t, "token_embeddings", "text_encoder.", default=None),
+                           *(f.integer(t, k, "text_encoder.", minimum=0, default=v) for k, v in
+                             (("bos_token_id", _CLIP_BOS), ("eos_token_id", _CLIP_EOS), ("pad_token_id", _CLIP_EOS))))
+
+    entries = f.obj(d, "components")
+    for name in REQUIRED:
+        f.obj(entries, name, "components.")
+    components = {name: _component(f, name, entries) for name in entries}
+
+    precisions = {}
+    for kind, records in f.obj(d, "precisions", default={}).items():
+        f.obj(d["precisions"], kind, "precisions.")
+        precisions[kind] = {p: _precision(f, f"precisions.{kind}.", p, records) for p in records}
+
+    source = f.obj(d, "source", default={})
+    return Manifest(
+        architecture=f.string(d, "architecture"),
+        prediction_type=f.choice(d, "prediction_type", PREDICTION_TYPES),
+        latent_channels=f.integer(d, "latent_channels"),
+        vae_scale_factor=f.integer(d, "vae_scale_factor"),
+        latent_scale_factor=f.number(d, "latent_scale_factor"),
+        default_size=(size[0], size[1]),
+        scheduler=scheduler,
+        text_encoder=text,
+        components=components,
+        source=Source(*(f.string(source, k, "source.", default=None) for k in ("name", "kind", "sha256", "hash"))),
+        exporter=f.obj(d, "exporter", default=None),
+        precisions=precisions,
+        format=d["format"],
+        format_version=d.get("format_version"),
+    )
+
+
+def _component(f: _Fields, name: str, entries: dict) -> Component:
+    prefix = f"components.{name}."
+    c = f.obj(entries, name, "components.")
+    spec = None
+    if "inputs" in c:
+        try:
+            spec = ComponentSpec.from_json(name, c)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise f.fail(f"{prefix}inputs", "is not an I/O spec (inputs/outputs of {name, dtype, shape})") from None
+    optimized = {}
+    for key in f.obj(c, "optimized", prefix, default={}):
+        v = dict(f.obj(c["optimized"], key, f"{prefix}optimized."))
+        vp = f"{prefix}optimized.{key}."
+        optimized[key] = Variant(f.path(v, "path", vp), f.string(v, "precision", vp, default="fp32"),
+                                 f.get(v, "custom_ops", vp, bool, "true or false", default=None),
+                                 {k: x for k, x in v.items() if k not in ("path", "precision", "custom_ops")})
+    return Component(f.path(c, "path", prefix), f.string(c, "precision", prefix, default="fp32"), spec, optimized)
+
+
+def _precision(f: _Fields, prefix: str, precision: str, records: dict) -> PrecisionRecord:
+    r = f.obj(records, precision, prefix)
+    p = f"{prefix}{precision}."
+    return PrecisionRecord(f.obj(r, "components", p, default={}),
+                           f.number(r, "min_default_psnr", p, default=None),
+                           f.obj(r, "fidelity", p, default=None),
+                           f.get(r, "default", p, bool, "true or false", default=False),
+                           f.obj(r, "calibration", p, default=None))
+
+
+# --- bundles ------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Bundle:
     path: Path
-    manifest: dict
+    schema: Manifest
     native: bool  # written by sdrt (token-embedding text encoder, CLIP skip states)
+    manifest: dict = field(repr=False, compare=False)  # sdrt.json as read; the inferred one's JSON for optimum
 
     def component(self, name: str) -> Path:
         """The portable graph of a component: standard ONNX, what every execution provider runs."""
-        return self.path / self.manifest["components"][name]["path"]
+        return self.path / self.schema.components[name].path
+
+    def spec(self, name: str) -> ComponentSpec | None:
+        """The I/O spec of a component from the manifest (sdrt bundles); None for optimum bundles."""
+        c = self.schema.components.get(name)
+        return c.spec if c else None
 
     def graph(self, name: str, device: str = "cpu", precision: str = "fp32") -> Path:
         """The graph to run ``name`` with on ``device`` at ``precision``.
@@ -49,15 +415,15 @@ class Bundle:
         fp32 one (components a precision leaves alone, such as the int8 variant's text encoder and
         VAE), else the portable graph. ``SDRT_GRAPHS=portable`` forces the portable graphs."""
         kind = device.split(":")[0]
-        variants = self.manifest["components"][name].get("optimized", {})
+        variants = self.schema.components[name].optimized
         if os.environ.get("SDRT_GRAPHS", "auto") == "portable":
             return self.component(name)
-        for key in ([f"{kind}-{precision}"] if precision != "fp32" else []) + [kind]:
-            entry = variants.get(key)
-            if not entry:
+        for key in dict.fromkeys((variant_key(kind, precision), variant_key(kind))):
+            variant = variants.get(key)
+            if not variant:
                 continue
-            path = self.path / entry["path"]
-            if path.exists() and (not entry.get("custom_ops") or kernels.available()):
+            path = self.path / variant.path
+            if path.exists() and (not variant.custom_ops or kernels.available()):
                 return path
             log.warning("%s: optimized graph %s unusable (%s); running the next one", name, path,
                         "missing" if not path.exists() else "sdrt's kernels library is not built")
@@ -67,69 +433,70 @@ class Bundle:
         """The reduced precisions exported for a device kind: {precision: the export's record,
         with its measured fidelity and whether it may be the default}."""
         kind = device.split(":")[0]
-        return dict(self.manifest.get("precisions", {}).get(kind, {}))
+        return {p: r.to_json() for p, r in self.schema.precisions.get(kind, {}).items()}
 
     def default_precision(self, device: str = "cpu") -> str:
         """What ``--precision auto`` runs on ``device``: an exported reduced precision whose
         measured final-image PSNR against fp32 met the bar (``default`` in its record), else fp32;
         the fastest such one when several did (int8-static, then int8)."""
-        passed = {p for p, r in self.precisions(device).items() if r.get("default") and self._holds_here(p, r)}
+        records = self.schema.precisions.get(device.split(":")[0], {})
+        passed = {p for p, r in records.items() if r.default and self._holds_here(p, r)}
         return next((p for p in ("int8-static", "int8", "fp16") if p in passed), "fp32")
 
     @staticmethod
-    def _holds_here(precision: str, record: dict) -> bool:
+    def _holds_here(precision: str, record: PrecisionRecord) -> bool:
         """Whether an export's measurement of ``precision`` holds on this machine: int8 measured
         where int8 products are exact does not where they saturate (x86 without VNNI)."""
         if PRECISION_KINDS.get(precision) != "cpu" or not int8_saturates():
             return True
-        if not (record.get("fidelity") or {}).get("int8_saturates", True):
+        if not (record.fidelity or {}).get("int8_saturates", True):
             log.info("%s: measured on a CPU with VNNI; this one saturates int8 products, so auto runs fp32", precision)
             return False
         return True
 
     def has(self, name: str) -> bool:
-        return name in self.manifest["components"] and self.component(name).exists()
+        return name in self.schema.components and self.component(name).exists()
 
     @property
     def name(self) -> str:
-        return self.manifest.get("source", {}).get("name") or self.path.name
+        return self.schema.source.name or self.path.name
 
     @property
     def model_hash(self) -> str | None:
-        return self.manifest.get("source", {}).get("hash")
+        return self.schema.source.hash
 
     @property
     def architecture(self) -> str:
-        return self.manifest["architecture"]
+        return self.schema.architecture
 
     @property
     def prediction_type(self) -> str:
-        return self.manifest["prediction_type"]
+        return self.schema.prediction_type
 
     @property
     def latent_channels(self) -> int:
-        return self.manifest["latent_channels"]
+        return self.schema.latent_channels
 
     @property
     def vae_scale_factor(self) -> int:
-        return self.manifest["vae_scale_factor"]
+        return self.schema.vae_scale_factor
 
     @property
     def latent_scale_factor(self) -> float:
-        return self.manifest["latent_scale_factor"]
+        return self.schema.latent_scale_factor
 
     @property
     def default_size(self) -> tuple[int, int]:
-        w, h = self.manifest["default_size"]
-        return int(w), int(h)
+        return self.schema.default_size
 
     @property
     def scheduler(self) -> dict:
-        return self.manifest["scheduler"]
+        """The keyword arguments of ``schedules.alphas_cumprod``."""
+        return self.schema.scheduler.to_json()
 
     @property
     def text_encoder(self) -> dict:
-        return self.manifest["text_encoder"]
+        return self.schema.text_encoder.to_json()
 
 
 def open_bundle(path: str | Path) -> Bundle:
@@ -138,65 +505,59 @@ def open_bundle(path: str | Path) -> Bundle:
     if not path.is_dir():
         raise CheckpointError(f"not a bundle directory: {path}")
     native = (path / MANIFEST).exists()
-    manifest = _read_manifest(path) if native else _infer_manifest(path)
-    missing = [f"{n}/model.onnx" for n in REQUIRED
-               if not (path / manifest["components"].get(n, {}).get("path", f"{n}/model.onnx")).exists()]
+    if native:
+        raw = _read_json(path / MANIFEST)
+        schema = Manifest.from_json(raw, path)
+    else:
+        schema = _infer_manifest(path)
+        raw = schema.to_json()
+    missing = [schema.components[n].path for n in REQUIRED if not (path / schema.components[n].path).exists()]
     if missing:
         raise CheckpointError(f"bundle {path} is incomplete: missing {', '.join(missing)}")
-    return Bundle(path, manifest, native)
+    return Bundle(path, schema, native, raw)
 
 
-def _read_json(p: Path) -> dict:
+def _read_json(p: Path):
     try:
         return json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"unreadable {p}: {e}") from None
 
 
-def _read_manifest(path: Path) -> dict:
-    m = _read_json(path / MANIFEST)
-    version = m.get("format_version")
-    if m.get("format") != "sdrt-bundle" or not isinstance(version, int):
-        raise CheckpointError(f"{path / MANIFEST} is not an sdrt bundle manifest")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"bundle {path} has format version {version}; this sdrt reads up to {FORMAT_VERSION}"
-                              " (upgrade sdrt or re-export)")
-    return m
+def _infer_manifest(path: Path) -> Manifest:
+    """The manifest of an optimum / diffusers ONNX bundle, read off its component configs.
 
-
-def _infer_manifest(path: Path) -> dict:
-    """The manifest of an optimum / diffusers ONNX bundle, read off its component configs."""
+    Its paths are the fixed optimum layout, not checked against symlinks: a Hugging Face hub
+    snapshot links every file into the cache's blobs folder."""
     if not (path / "model_index.json").exists() and not (path / "unet" / "model.onnx").exists():
         raise CheckpointError(f"not a bundle: {path} has neither {MANIFEST} nor model_index.json")
-    sched_path = path / "scheduler" / "scheduler_config.json"
-    sched = _read_json(sched_path) if sched_path.exists() else {}
-    vae = _read_json(path / "vae_decoder" / "config.json") if (path / "vae_decoder" / "config.json").exists() else {}
-    unet = _read_json(path / "unet" / "config.json") if (path / "unet" / "config.json").exists() else {}
-    text = _read_json(path / "text_encoder" / "config.json") if (path / "text_encoder" / "config.json").exists() else {}
+
+    def config(rel: str) -> dict:
+        p = path / rel
+        d = _read_json(p) if p.exists() else {}
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{p}: must be a JSON object, got {type(d).__name__}")
+        return d
+
+    sched = config("scheduler/scheduler_config.json")
+    vae, unet, text = config("vae_decoder/config.json"), config("unet/config.json"), config("text_encoder/config.json")
     vae_scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     sample_size = unet.get("sample_size", 64)
     cross = unet.get("cross_attention_dim", 768)
-    return {
-        "format": "optimum",
+    d = {
+        "format": OPTIMUM_FORMAT,
         "architecture": {768: "sd1", 1024: "sd2"}.get(cross, "unknown"),
         "prediction_type": sched.get("prediction_type", "epsilon"),
         "latent_channels": vae.get("latent_channels", 4),
         "vae_scale_factor": vae_scale,
         "latent_scale_factor": vae.get("scaling_factor", 0.18215),
         "default_size": [sample_size * vae_scale] * 2,
-        "scheduler": {
-            "num_train_timesteps": sched.get("num_train_timesteps", 1000),
-            "beta_start": sched.get("beta_start", 0.00085),
-            "beta_end": sched.get("beta_end", 0.012),
-            "beta_schedule": sched.get("beta_schedule", "scaled_linear"),
-        },
-        "text_encoder": {
-            "hidden_size": text.get("hidden_size", cross),
-            "num_layers": text.get("num_hidden_layers"),
-            "bos_token_id": 49406,
-            "eos_token_id": 49407,
-            "pad_token_id": 49407,
-        },
-        "components": {n: {"path": f"{n}/model.onnx"} for n in COMPONENTS},
-        "source": {"name": path.name, "hash": None},
+        "scheduler": Scheduler(**{k: sched[k] for k in Scheduler.__dataclass_fields__ if k in sched}).to_json(),
+        "text_encoder": {"hidden_size": text.get("hidden_size", cross), "num_layers": text.get("num_hidden_layers")},
+        "components": {n: {"path": component_path(n)} for n in COMPONENTS},
+        "source": {"name": path.name},
     }
+    where = f"{path} (optimum bundle)"
+    m = _parse(d, _Fields(where))
+    m.check(where)
+    return m

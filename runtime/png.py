@@ -12,9 +12,13 @@ from PIL import Image, PngImagePlugin
 
 
 def quote(value) -> str:
-    """The webui's ``quote``: JSON-quote values holding a comma, colon or newline."""
+    """The webui's ``quote``: JSON-quote values holding a comma, colon or newline.
+
+    sdrt also quotes values holding a double quote (the webui writes them bare): a bare value that
+    begins and ends with one would be unquoted on reading. The webui reads both forms back alike.
+    """
     text = str(value)
-    if "," not in text and "\n" not in text and ":" not in text:
+    if not any(c in text for c in ',:\n"'):
         return text
     return json.dumps(text, ensure_ascii=False)
 
@@ -29,22 +33,60 @@ def infotext(prompt: str, negative_prompt: str, params: dict) -> str:
     return f"{prompt}{negative}\n{line}".strip()
 
 
+# One ``key: value`` entry of the parameters line, with the webui's grammar (``re_param_code``): a key
+# of 2+ characters that starts with a letter, digit or _ and may hold spaces, - and /; a value that is
+# either a JSON string or anything up to the next comma.
+PARAM = re.compile(r"""
+    \s* (\w[\w\ /-]+) : \s*
+    ( "(?: \\. | [^\\"] )+" | [^,]* )
+    (?: , | $ )""", re.VERBOSE)
+IMAGE_SIZE = re.compile(r"(\d+)x(\d+)")
+
+
 def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
-    """Read back (prompt, negative prompt, params) from a ``parameters`` text."""
-    lines = text.strip().split("\n")
-    params_line = lines[-1] if len(lines) > 1 or re.match(r"^\w[\w ]*: ", lines[-1]) else ""
-    body = lines[:-1] if params_line else lines
+    """Read back (prompt, negative prompt, params) from a ``parameters`` text, by the rules of the
+    webui's ``parse_generation_parameters``.
+
+    The last line holds the params only if it has at least three ``key: value`` entries; otherwise
+    it belongs to the prompt. Lines are stripped; those before ``Negative prompt:`` are the prompt,
+    the rest the negative prompt, each joined with newlines. Values are JSON-unquoted, and a
+    ``WxH`` value also gives ``<key>-1`` and ``<key>-2`` (``Size-1``, ``Size-2``).
+
+    Deliberate differences: the ``WxH`` key itself is kept too (the webui drops it); an empty value
+    is kept as "" (the webui drops the entry); and none of the webui's defaults for missing entries
+    (``Clip skip: 1``, ``RNG: GPU``, ``Schedule type: Automatic``, the hires and inpaint fields),
+    style extraction, hypernet prompt suffix or version back-compatibility fixes are applied, so
+    params holds exactly what the text says.
+    """
+    *lines, last = text.strip().split("\n")
+    entries = PARAM.findall(last)
+    if len(entries) < 3:
+        lines.append(last)
+        entries = []
     prompt, negative, in_negative = [], [], False
-    for ln in body:
+    for ln in lines:
+        ln = ln.strip()
         if ln.startswith("Negative prompt:"):
             in_negative = True
-            ln = ln[len("Negative prompt:"):].lstrip()
+            ln = ln[len("Negative prompt:"):].strip()
         (negative if in_negative else prompt).append(ln)
     params = {}
-    for m in re.finditer(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', params_line):
-        key, value = m.group(1).strip(), m.group(2).strip()
-        params[key] = json.loads(value) if value.startswith('"') else value
+    for key, value in entries:
+        value = unquote(value)
+        params[key] = value
+        if size := IMAGE_SIZE.fullmatch(value):
+            params[f"{key}-1"], params[f"{key}-2"] = size.groups()
     return "\n".join(prompt), "\n".join(negative), params
+
+
+def unquote(value: str) -> str:
+    """A JSON string's text; anything else (or broken JSON) as it is, like the webui's ``unquote``."""
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def next_sequence_number(folder: Path) -> int:
@@ -58,9 +100,8 @@ def next_sequence_number(folder: Path) -> int:
     return best + 1
 
 
-def save_png(image: Image.Image, folder: str | Path, seed: int, parameters: str) -> Path:
-    """Write ``NNNNN-SEED.png`` atomically (temporary file, then a link that never overwrites)."""
-    folder = Path(folder)
+def _write_partial(image: Image.Image, folder: Path, parameters: str) -> str:
+    """The PNG with its ``parameters`` text, in a temporary file in ``folder``; returns its path."""
     folder.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
@@ -71,6 +112,17 @@ def save_png(image: Image.Image, folder: str | Path, seed: int, parameters: str)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make the image private
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def save_png(image: Image.Image, folder: str | Path, seed: int, parameters: str) -> Path:
+    """Write ``NNNNN-SEED.png`` atomically (temporary file, then a link that never overwrites)."""
+    folder = Path(folder)
+    tmp = _write_partial(image, folder, parameters)
+    try:
         number = next_sequence_number(folder)
         while True:
             target = folder / f"{number:05}-{seed}.png"
@@ -81,3 +133,15 @@ def save_png(image: Image.Image, folder: str | Path, seed: int, parameters: str)
                 number += 1
     finally:
         os.unlink(tmp)
+
+
+def write_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
+    """Write the PNG at ``path`` atomically (temporary file, then a rename that replaces ``path``)."""
+    path = Path(path)
+    tmp = _write_partial(image, path.parent, parameters)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

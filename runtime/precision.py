@@ -11,7 +11,7 @@ from sdrt.runtime.errors import SdrtError
 if TYPE_CHECKING:
     from sdrt.runtime.bundle import Bundle
 
-# The device kind each reduced precision's graphs are made for (sdrt.export.precision): int8 and
+# The device kind each reduced precision's graphs are made for (sdrt.export.quantize): int8 and
 # int8-static CPU graphs, fp16 CUDA graphs
 PRECISION_KINDS = {"int8": "cpu", "int8-static": "cpu", "fp16": "cuda"}
 PRECISIONS = ("fp32", *PRECISION_KINDS)

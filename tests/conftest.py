@@ -31,7 +31,7 @@ def tiny_modules(tiny_configs):
 def tiny_checkpoint(tmp_path_factory, tiny_configs, tiny_modules) -> Path:
     """The tiny model as a single-file checkpoint in the original LDM / A1111 key layout."""
     from sdrt.export import convert
-    from sdrt.export.bundle import save_checkpoint
+    from sdrt.export.write import save_checkpoint
 
     unet, vae, text_encoder = tiny_modules
     ldm = convert.diffusers_to_ldm(
@@ -42,14 +42,14 @@ def tiny_checkpoint(tmp_path_factory, tiny_configs, tiny_modules) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
-    from sdrt.export.bundle import export_checkpoint
+    from sdrt.export.write import export_checkpoint
 
     return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("bundles") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_bundle):
-    from sdrt.runtime.pipeline import Pipeline
+    from sdrt.runtime.pipeline.txt2img import Pipeline
 
     return Pipeline(tiny_bundle)
 
@@ -65,10 +65,10 @@ def no_torch_dir(tmp_path_factory) -> Path:
 
 def run_sdrt(*args, env_extra: dict | None = None, pythonpath_first: Path | None = None, cwd=None,
              timeout=600) -> subprocess.CompletedProcess:
-    """``sdrt ARGS`` in a subprocess (``python -m sdrt.runtime.cli``), output captured."""
+    """``sdrt ARGS`` in a subprocess (``python -m sdrt.cli``), output captured."""
     env = dict(os.environ)
     env.update(env_extra or {})
     if pythonpath_first is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath_first), env.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sdrt.cli", *map(str, args)], capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=timeout)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdrt.models import default_model_path
+from sdrt.runtime.pipeline.txt2img import GenerationParams, Pipeline
+
 from conftest import run_sdrt
-from sdrt.runtime.models import default_model_path
-from sdrt.runtime.pipeline import GenerationParams, Pipeline
 from tools import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +53,8 @@ def test_checkpoint_is_in_the_a1111_layout():
 
 
 def test_reexport_matches_the_shipped_bundle(tmp_path):
-    from sdrt.export.bundle import export_checkpoint
-    from sdrt.runtime.sessions import Session
+    from sdrt.export.write import export_checkpoint
+    from sdrt.runtime.backends.onnxruntime import Session
 
     fresh = export_checkpoint(CHECKPOINT, tmp_path / "reexported")
     shipped, ours = json.loads((SOURCE_BUNDLE / "sdrt.json").read_text()), json.loads((fresh / "sdrt.json").read_text())
@@ -99,7 +100,7 @@ def test_quality(default_pipeline, sampler):
     colours = shape_hits = 0
     misses = []
     for i, (shape, fg, bg) in enumerate(REQUESTS):
-        p = GenerationParams(shapes.caption(shape, fg, bg), steps=20, sampler=sampler, cfg_scale=7.0, seed=1000 + i)
+        p = GenerationParams(shapes.caption(shape, fg, bg), steps=20, sampler_name=sampler, cfg_scale=7.0, seed=1000 + i)
         (result,) = default_pipeline.generate(p)
         m = shapes.measure(result.image)
         colours += m.colour == fg and m.background == bg

@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_sdrt
-from sdrt.runtime.embeddings import EmbeddingLibrary, load_embedding, read_safetensors
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.pipeline import GenerationParams, Pipeline
-from sdrt.runtime.tokenizer import ClipTokenizer
+from sdrt.runtime.pipeline.txt2img import GenerationParams, Pipeline
+from sdrt.runtime.text.embeddings import EmbeddingLibrary, load_embedding, read_safetensors
+from sdrt.runtime.text.tokenizer import ClipTokenizer
+
+from conftest import run_sdrt
 
 WIDTH = 32  # the tiny model's text encoder
 
@@ -200,7 +201,7 @@ def test_embeddings_count_toward_the_chunk(ti_pipeline):
 
 def test_ti_hashes_in_the_infotext(ti_pipeline, emb_dir):
     p = GenerationParams("a mystyle cat, (bad-hands:1.1) AND concept:0.5", negative_prompt="negemb, bad",
-                         steps=2, sampler="Euler", seed=3)
+                         steps=2, sampler_name="Euler", seed=3)
     (r,) = ti_pipeline.generate(p)
 
     def h(rel):

@@ -17,13 +17,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import run_sdrt
-from sdrt.runtime import engines, gpu
+from sdrt.runtime.backends import cache, gpu, open_component, profiles
+from sdrt.runtime.backends import tensorrt as engines
+from sdrt.runtime.backends.cache import EngineCache, EngineFileError, EngineKey
+from sdrt.runtime.backends.onnxruntime import providers_for
 from sdrt.runtime.bundle import open_bundle
-from sdrt.runtime.engines import EngineCache, EngineFileError, EngineKey
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.sessions import providers_for
 from sdrt.runtime.spec import text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+
+from conftest import run_sdrt
 
 UNET = unet_spec(4, 4, 768)
 TEXT = text_encoder_spec(768, 12)
@@ -43,42 +45,42 @@ NO_TRT = "TensorRT is not installable in this environment (no NVIDIA libraries o
 # --- profiles ---------------------------------------------------------------------------------
 
 def test_static_profile_sd15_shapes():
-    s = engines.build_shapes(width=(512,) * 3, height=(768,) * 3, batch=(2,) * 3)
+    s = profiles.build_shapes(width=(512,) * 3, height=(768,) * 3, batch=(2,) * 3)
     assert s.static
-    unet = engines.profile_shapes(UNET, engines.component_axes(UNET, s))
+    unet = profiles.profile_shapes(UNET, profiles.component_axes(UNET, s))
     # 2 images -> 4 guided rows; 768x512 pixels -> 96x64 latents; one prompt chunk -> 77 tokens
     assert unet == {"sample": ((4, 4, 96, 64),) * 3, "timestep": ((4,),) * 3,
                     "encoder_hidden_states": ((4, 77, 768),) * 3}
-    text = engines.profile_shapes(TEXT, engines.component_axes(TEXT, s))
+    text = profiles.profile_shapes(TEXT, profiles.component_axes(TEXT, s))
     assert text == {"inputs_embeds": ((1, 77, 768), (2, 77, 768), (16, 77, 768))}  # the spec's chunk batches
-    vae = engines.profile_shapes(VAE, engines.component_axes(VAE, s))
+    vae = profiles.profile_shapes(VAE, profiles.component_axes(VAE, s))
     assert vae == {"latent_sample": ((1, 4, 96, 64),) * 3}
     enc_spec = vae_encoder_spec(4)
-    enc = engines.profile_shapes(enc_spec, engines.component_axes(enc_spec, s))
+    enc = profiles.profile_shapes(enc_spec, profiles.component_axes(enc_spec, s))
     assert enc == {"sample": ((1, 3, 768, 512),) * 3}
-    assert engines.is_static(unet) and not engines.is_static(text)
+    assert profiles.is_static(unet) and not profiles.is_static(text)
 
 
 def test_dynamic_profile_shapes():
-    s = engines.build_shapes(width=engines.dim_range("width", 512, 256, 1024),
-                             height=engines.dim_range("height", 512, 256, 768),
-                             batch=engines.dim_range("batch", 1, None, 4),
-                             chunks=engines.dim_range("prompt chunks", 1, None, 3))
+    s = profiles.build_shapes(width=profiles.dim_range("width", 512, 256, 1024),
+                             height=profiles.dim_range("height", 512, 256, 768),
+                             batch=profiles.dim_range("batch", 1, None, 4),
+                             chunks=profiles.dim_range("prompt chunks", 1, None, 3))
     assert not s.static
-    unet = engines.profile_shapes(UNET, engines.component_axes(UNET, s))
+    unet = profiles.profile_shapes(UNET, profiles.component_axes(UNET, s))
     assert unet["sample"] == ((1, 4, 32, 32), (2, 4, 64, 64), (8, 4, 96, 128))
     assert unet["timestep"] == ((1,), (2,), (8,))
     assert unet["encoder_hidden_states"] == ((1, 77, 768), (2, 77, 768), (8, 231, 768))
-    vae = engines.profile_shapes(VAE, engines.component_axes(VAE, s))
+    vae = profiles.profile_shapes(VAE, profiles.component_axes(VAE, s))
     assert vae["latent_sample"] == ((1, 4, 32, 32), (1, 4, 64, 64), (1, 4, 96, 128))
-    assert engines.covers(unet, {"sample": (2, 4, 64, 80), "timestep": (2,), "encoder_hidden_states": (2, 154, 768)})
-    assert not engines.covers(unet, {"sample": (2, 4, 64, 136)})
-    assert not engines.covers(unet, {"sample": (2, 4, 64)})
+    assert profiles.covers(unet, {"sample": (2, 4, 64, 80), "timestep": (2,), "encoder_hidden_states": (2, 154, 768)})
+    assert not profiles.covers(unet, {"sample": (2, 4, 64, 136)})
+    assert not profiles.covers(unet, {"sample": (2, 4, 64)})
 
 
 def test_vae_tile_profile():
-    s = engines.build_shapes(width=(1024,) * 3, height=(768,) * 3, vae_tile=256)
-    vae = engines.profile_shapes(VAE, engines.component_axes(VAE, s))
+    s = profiles.build_shapes(width=(1024,) * 3, height=(768,) * 3, vae_tile=256)
+    vae = profiles.profile_shapes(VAE, profiles.component_axes(VAE, s))
     assert vae["latent_sample"] == ((1, 4, 32, 32),) * 3  # every tile has the tile size
 
 
@@ -91,17 +93,17 @@ def test_vae_tile_profile():
 ])
 def test_shape_errors_are_one_line(kwargs, message):
     with pytest.raises(SdrtError, match=message) as e:
-        engines.build_shapes(**kwargs)
+        profiles.build_shapes(**kwargs)
     assert "\n" not in str(e.value)
 
 
 def test_dim_range_and_missing_axis():
-    assert engines.dim_range("width", 512) == (512, 512, 512)
-    assert engines.dim_range("width", None, 256, 1024) == (256, 256, 1024)
+    assert profiles.dim_range("width", 512) == (512, 512, 512)
+    assert profiles.dim_range("width", None, 256, 1024) == (256, 256, 1024)
     with pytest.raises(SdrtError, match="width: min 1024 <= opt 512"):
-        engines.dim_range("width", 512, 1024, None)
+        profiles.dim_range("width", 512, 1024, None)
     with pytest.raises(SdrtError, match="no size for axis 'sequence' of input encoder_hidden_states"):
-        engines.profile_shapes(UNET, {"batch": (1, 1, 1), "height": (8, 8, 8), "width": (8, 8, 8)})
+        profiles.profile_shapes(UNET, {"batch": (1, 1, 1), "height": (8, 8, 8), "width": (8, 8, 8)})
 
 
 # --- keys and plan files --------------------------------------------------------------------------
@@ -119,7 +121,7 @@ def test_key_covers_every_field():
     variants = [_key(gpu="NVIDIA H200"), _key(compute_capability="8.9"), _key(tensorrt="10.4.0"),
                 _key(onnx_sha256="cd" * 32), _key(precision="fp32"), _key(component="vae_decoder"),
                 _key(profile={"sample": ((2, 4, 64, 64), (2, 4, 64, 64), (2, 4, 96, 96))}),
-                _key(runtime="onnxruntime-1.20.1"), _key(format=engines.ENGINE_FORMAT + 1)]
+                _key(runtime="onnxruntime-1.20.1"), _key(format=cache.ENGINE_FORMAT + 1)]
     assert len({base.digest, *(v.digest for v in variants)}) == len(variants) + 1
     assert base.directory == "nvidia-h100-80gb-hbm3-sm90-trt10.3.0"
     assert base.stem == f"unet-{base.digest[:16]}"
@@ -130,52 +132,52 @@ def test_graph_digest_covers_external_weights(tmp_path):
     d = tmp_path / "unet"
     d.mkdir()
     (d / "model.onnx").write_bytes(b"graph")
-    first = engines.graph_digest(d / "model.onnx")
+    first = cache.graph_digest(d / "model.onnx")
     (d / "model.onnx_data").write_bytes(b"weights")
-    second = engines.graph_digest(d / "model.onnx")
+    second = cache.graph_digest(d / "model.onnx")
     (d / "model.onnx_data").write_bytes(b"weightz")  # same size, new content
-    third = engines.graph_digest(d / "model.onnx")
+    third = cache.graph_digest(d / "model.onnx")
     assert len({first, second, third}) == 3
 
 
 def test_plan_file_checks(tmp_path):
     key, path = _key(), tmp_path / "unet.plan"
     plan = os.urandom(4096)
-    engines.write_plan(path, key, plan)
-    assert engines.read_plan(path, key) == plan
+    cache.write_plan(path, key, plan)
+    assert cache.read_plan(path, key) == plan
     data = path.read_bytes()
 
     path.write_bytes(data[:-100])
     with pytest.raises(EngineFileError, match="truncated"):
-        engines.read_plan(path, key)
+        cache.read_plan(path, key)
     path.write_bytes(data[:10])
     with pytest.raises(EngineFileError, match="truncated"):
-        engines.read_plan(path, key)
+        cache.read_plan(path, key)
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
     with pytest.raises(EngineFileError, match="corrupt"):
-        engines.read_plan(path, key)
+        cache.read_plan(path, key)
     path.write_bytes(os.urandom(5000))  # a raw TensorRT plan or anything else
     with pytest.raises(EngineFileError, match="not an sdrt engine file"):
-        engines.read_plan(path, key)
-    engines.write_plan(path, _key(precision="fp32"), plan)
+        cache.read_plan(path, key)
+    cache.write_plan(path, _key(precision="fp32"), plan)
     with pytest.raises(EngineFileError, match="another key"):
-        engines.read_plan(path, key)
-    with pytest.raises(engines.EngineMissing):
-        engines.read_plan(tmp_path / "absent.plan", key)
+        cache.read_plan(path, key)
+    with pytest.raises(cache.EngineMissing):
+        cache.read_plan(tmp_path / "absent.plan", key)
 
 
 def test_atomic_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "a.plan"
-    engines.write_plan(path, _key(), b"old plan")
+    cache.write_plan(path, _key(), b"old plan")
 
     def crash(src, dst):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
-        engines.write_plan(path, _key(), b"new plan" * 1000)
+        cache.write_plan(path, _key(), b"new plan" * 1000)
     monkeypatch.undo()
-    assert engines.read_plan(path, _key()) == b"old plan"
+    assert cache.read_plan(path, _key()) == b"old plan"
     assert [p.name for p in tmp_path.iterdir()] == ["a.plan"]  # no temporary file left behind
 
 
@@ -195,24 +197,24 @@ def _builds(log: Path) -> int:
 
 
 def test_cache_builds_loads_and_rebuilds_refused_files(tmp_path):
-    cache, key, log = EngineCache(tmp_path / "engines"), _key(), tmp_path / "builds.log"
+    store, key, log = EngineCache(tmp_path / "engines"), _key(), tmp_path / "builds.log"
     build = CountingBuilder(log)
-    r = cache.get_or_build(key, build)
+    r = store.get_or_build(key, build)
     assert (r.status, _builds(log)) == ("built", 1)
     assert r.path == tmp_path / "engines" / key.directory / f"{key.stem}.plan"
-    assert cache.get_or_build(key, build).status == "loaded" and _builds(log) == 1
+    assert store.get_or_build(key, build).status == "loaded" and _builds(log) == 1
 
     r.path.write_bytes(r.path.read_bytes()[:-7])  # truncated
-    r2 = cache.get_or_build(key, build)
+    r2 = store.get_or_build(key, build)
     assert r2.status == "rebuilt" and "truncated" in r2.reason and _builds(log) == 2
-    assert engines.read_plan(r.path, key) == build.plan
+    assert cache.read_plan(r.path, key) == build.plan
 
-    engines.write_plan(r.path, _key(tensorrt="9.9.9"), b"foreign")  # a plan for another key at this path
-    r3 = cache.get_or_build(key, build)
+    cache.write_plan(r.path, _key(tensorrt="9.9.9"), b"foreign")  # a plan for another key at this path
+    r3 = store.get_or_build(key, build)
     assert r3.status == "rebuilt" and "another key" in r3.reason and _builds(log) == 3
 
-    assert cache.get_or_build(key, build, force=True).status == "rebuilt" and _builds(log) == 4
-    other = cache.get_or_build(_key(precision="fp32"), build)
+    assert store.get_or_build(key, build, force=True).status == "rebuilt" and _builds(log) == 4
+    other = store.get_or_build(_key(precision="fp32"), build)
     assert other.status == "built" and other.path != r.path and _builds(log) == 5
 
 
@@ -254,7 +256,10 @@ def spec_bundle(tmp_path):
         components[name] = {"path": f"{name}/model.onnx", "precision": "fp32", **spec.to_json()}
     manifest = {"format": "sdrt-bundle", "format_version": 1, "architecture": "sd1", "prediction_type": "epsilon",
                 "latent_channels": 4, "vae_scale_factor": 8, "latent_scale_factor": 0.18215,
-                "default_size": [512, 512], "components": components, "source": {"name": "fake", "hash": None}}
+                "default_size": [512, 512], "components": components, "source": {"name": "fake", "hash": None},
+                "scheduler": {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                              "beta_schedule": "scaled_linear"},
+                "text_encoder": {"hidden_size": 32, "num_layers": 2}}
     (root / "sdrt.json").write_text(json.dumps(manifest))
     return open_bundle(root)
 
@@ -266,7 +271,7 @@ def test_build_engines_with_injected_builder(spec_bundle):
         calls.append((Path(onnx_path).parent.name, shapes, precision))
         return f"engine {len(calls)}".encode()
 
-    shapes = engines.build_shapes(width=(512,) * 3, height=(512,) * 3)
+    shapes = profiles.build_shapes(width=(512,) * 3, height=(512,) * 3)
     kw = dict(builder=builder, identity=GPU, tensorrt="10.3.0")
     first = engines.build_engines(spec_bundle, shapes, **kw)
     assert [(r.component, r.status) for r in first] == [("text_encoder", "built"), ("unet", "built"),
@@ -277,7 +282,7 @@ def test_build_engines_with_injected_builder(spec_bundle):
     again = engines.build_engines(spec_bundle, shapes, **kw)
     assert [r.status for r in again] == ["loaded"] * 3 and len(calls) == 3
     # Another size, precision or graph is another engine, never the old one
-    bigger = engines.build_engines(spec_bundle, engines.build_shapes(width=(768,) * 3, height=(512,) * 3),
+    bigger = engines.build_engines(spec_bundle, profiles.build_shapes(width=(768,) * 3, height=(512,) * 3),
                                    components=("unet",), **kw)
     fp32 = engines.build_engines(spec_bundle, shapes, components=("unet",), precision="fp32", **kw)
     (spec_bundle.path / "unet" / "model.onnx").write_bytes(b"re-exported graph")
@@ -287,7 +292,7 @@ def test_build_engines_with_injected_builder(spec_bundle):
 
     # The runtime's view: the unet engines for this GPU, TensorRT and current graph, static first
     match = {"gpu": GPU.name, "compute_capability": "9.0", "tensorrt": "10.3.0",
-             "onnx_sha256": engines.graph_digest(spec_bundle.component("unet"))}
+             "onnx_sha256": cache.graph_digest(spec_bundle.component("unet"))}
     found = EngineCache(spec_bundle.path / "engines").entries("unet", match)
     assert [p for p, _ in found] == [regraph[0].path]
 
@@ -295,7 +300,7 @@ def test_build_engines_with_injected_builder(spec_bundle):
 def test_build_without_tensorrt_is_a_one_line_error(spec_bundle):
     if not _trt_missing():
         pytest.skip("TensorRT is installed here")
-    shapes = engines.build_shapes(width=(512,) * 3, height=(512,) * 3)
+    shapes = profiles.build_shapes(width=(512,) * 3, height=(512,) * 3)
     with pytest.raises(SdrtError, match="TensorRT is not installed"):
         engines.build_engines(spec_bundle, shapes, identity=GPU)
     r = run_sdrt("build", spec_bundle.path, "--width", 512, "--height", 512)
@@ -330,8 +335,8 @@ def test_provider_start_failure_names_the_library(tmp_path):
 
 
 def test_provider_options_from_the_profile(tmp_path):
-    shapes = engines.profile_shapes(UNET, engines.component_axes(
-        UNET, engines.build_shapes(width=(512, 512, 768), height=(512,) * 3)))
+    shapes = profiles.profile_shapes(UNET, profiles.component_axes(
+        UNET, profiles.build_shapes(width=(512, 512, 768), height=(512,) * 3)))
     opts = gpu.tensorrt_ep_options(tmp_path / "ort-unet-x", shapes, fp16=True)
     # A static batch of one image is two guided rows; the width spans 64..96 latents
     assert opts["trt_profile_min_shapes"] == "sample:2x4x64x64,timestep:2,encoder_hidden_states:2x77x768"
@@ -382,18 +387,16 @@ def test_bound_io_matches_a_plain_run_and_reuses_constant_feeds(tmp_path):
 def test_tensorrt_engine_builds_and_matches_onnxruntime(tiny_bundle, tmp_path):  # pragma: no cover - GPU only
     import shutil
 
-    from sdrt.runtime.sessions import Session
-
     bundle = open_bundle(shutil.copytree(tiny_bundle, tmp_path / "tiny"))
-    shapes = engines.build_shapes(width=(64,) * 3, height=(64,) * 3)
+    shapes = profiles.build_shapes(width=(64,) * 3, height=(64,) * 3)
     results = engines.build_engines(bundle, shapes, precision="fp32", components=("unet",))
     assert results[0].status == "built"
     assert engines.build_engines(bundle, shapes, precision="fp32", components=("unet",))[0].status == "loaded"
     feeds = {"sample": np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32),
              "timestep": np.full((2,), 500.0, np.float32),
              "encoder_hidden_states": np.random.default_rng(1).standard_normal((2, 77, 32)).astype(np.float32)}
-    want = Session(bundle.component("unet")).run(feeds)["out_sample"]
-    got = Session(bundle.component("unet"), "trt", cuda_graph=True)
+    want = open_component(bundle, "unet", graph=bundle.component("unet")).run(feeds)["out_sample"]
+    got = open_component(bundle, "unet", "trt", cuda_graph=True)
     for _ in range(3):  # the second and third runs replay the captured CUDA graph
         np.testing.assert_allclose(got.run(feeds)["out_sample"], want, atol=2e-3)
 
@@ -401,9 +404,9 @@ def test_tensorrt_engine_builds_and_matches_onnxruntime(tiny_bundle, tmp_path): 
 @pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
                     reason="no onnxruntime-gpu here (CPU build): the CUDA route runs only on NVIDIA machines")
 def test_cuda_pipeline_matches_cpu(tiny_bundle):  # pragma: no cover - GPU only
-    from sdrt.runtime.pipeline import GenerationParams, Pipeline
+    from sdrt.runtime.pipeline.txt2img import GenerationParams, Pipeline
 
-    p = GenerationParams("a red circle", steps=4, sampler="Euler a", seed=3)
+    p = GenerationParams("a red circle", steps=4, sampler_name="Euler a", seed=3)
     cpu = Pipeline(tiny_bundle).generate(p)[0].image
     cuda = Pipeline(tiny_bundle, device="cuda").generate(p)[0].image
     diff = np.abs(np.asarray(cpu, np.int16) - np.asarray(cuda, np.int16))

@@ -8,12 +8,12 @@ import os
 import numpy as np
 import onnx
 
-from sdrt.export.bundle import export_checkpoint, save_checkpoint
-from sdrt.export.onnx import EXTERNAL_DATA, consolidate
-from sdrt.runtime.pipeline import GenerationParams, Pipeline
-from sdrt.runtime.sessions import Session
+from sdrt.export.graphs import EXTERNAL_DATA, consolidate
+from sdrt.export.write import export_checkpoint, save_checkpoint
+from sdrt.runtime.backends.onnxruntime import Session
+from sdrt.runtime.pipeline.txt2img import GenerationParams, Pipeline
 
-REQUEST = GenerationParams("a green triangle", negative_prompt="red", steps=6, sampler="Euler a", seed=5)
+REQUEST = GenerationParams("a green triangle", negative_prompt="red", steps=6, sampler_name="Euler a", seed=5)
 
 
 def _image(bundle):
@@ -31,7 +31,7 @@ def test_ckpt_export_matches_safetensors(tiny_checkpoint, tiny_bundle, tiny_conf
 
 
 def test_diffusers_folder_export_matches(tiny_modules, tiny_configs, tiny_bundle, tmp_path):
-    from sdrt.runtime.tokenizer import ClipTokenizer
+    from sdrt.runtime.text.tokenizer import ClipTokenizer
 
     unet, vae, text_encoder = tiny_modules
     folder = tmp_path / "tiny-diffusers"

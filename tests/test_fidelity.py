@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from conftest import run_sdrt
 from sdrt.export.reference import verify_bundle
-from sdrt.runtime.pipeline import GenerationParams
+from sdrt.runtime.pipeline.txt2img import GenerationParams
+
+from conftest import run_sdrt
 
 
 @pytest.mark.parametrize("sampler, kwargs", [
@@ -18,7 +19,7 @@ from sdrt.runtime.pipeline import GenerationParams
     ("Euler a", {"ensd": 31337, "width": 80, "height": 48}),
 ])
 def test_fp32_matches_reference(tiny_bundle, tiny_checkpoint, sampler, kwargs):
-    p = GenerationParams("a red circle on a blue background", sampler=sampler, steps=20, seed=11, **kwargs)
+    p = GenerationParams("a red circle on a blue background", sampler_name=sampler, steps=20, seed=11, **kwargs)
     report = verify_bundle(tiny_bundle, tiny_checkpoint, p)
     stages = report["stages"]
     assert stages["noise"]["max_abs"] == 0.0  # torch's CPU generator, bit for bit
@@ -29,7 +30,7 @@ def test_fp32_matches_reference(tiny_bundle, tiny_checkpoint, sampler, kwargs):
 
 def test_long_prompt_matches_reference(tiny_bundle, tiny_checkpoint):
     prompt = ", ".join(["a small red circle on a blue background"] * 12)
-    report = verify_bundle(tiny_bundle, tiny_checkpoint, GenerationParams(prompt, sampler="Euler", steps=8, seed=2))
+    report = verify_bundle(tiny_bundle, tiny_checkpoint, GenerationParams(prompt, sampler_name="Euler", steps=8, seed=2))
     assert report["stages"]["image"]["psnr"] >= 60, report["stages"]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdrt.runtime import kernels
+from sdrt.runtime.backends import kernels
 
 
 def group_norm_ref(x, gamma, beta, groups, eps, silu):

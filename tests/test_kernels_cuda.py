@@ -17,7 +17,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
-
 from test_kernels import group_norm_ref
 
 ROOT = Path(__file__).resolve().parent.parent

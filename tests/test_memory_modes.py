@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_sdrt
-from sdrt.runtime import tiling
+from sdrt.runtime.backends.onnxruntime import Session
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.pipeline import GenerationParams, Pipeline
-from sdrt.runtime.sessions import Session
-from sdrt.runtime.tiling import TileSpec
+from sdrt.runtime.pipeline import tiling
+from sdrt.runtime.pipeline.tiling import TileSpec
+from sdrt.runtime.pipeline.txt2img import GenerationParams, Pipeline
+
+from conftest import run_sdrt
 
 
 class Recorder:
@@ -34,7 +35,7 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
 
 
 def test_memory_modes_give_identical_images_and_hold_one_stage_at_a_time(tiny_bundle):
-    p = GenerationParams("a red circle", steps=3, sampler="Euler a", seed=11, batch_size=2, batch_count=2)
+    p = GenerationParams("a red circle", steps=3, sampler_name="Euler a", seed=11, batch_size=2, n_iter=2)
     images, held = {}, {}
     for mode in ("normal", "med", "low"):
         pipe = Pipeline(tiny_bundle, memory=mode)
@@ -106,7 +107,7 @@ def test_tiled_decode_of_a_local_decoder_is_exact():
 
 def test_tiled_vae_decode_is_close_to_the_whole_decode(tiny_bundle, tiny_pipeline):
     """A 384x384 image (48x48 latents) decoded whole and in 256-pixel tiles (32 latents, overlap >= 8)."""
-    p = GenerationParams("a red circle", steps=2, sampler="Euler", seed=7, width=384, height=384)
+    p = GenerationParams("a red circle", steps=2, sampler_name="Euler", seed=7, width=384, height=384)
     cond, uncond = tiny_pipeline.conditioning(p)
     latents = tiny_pipeline.sample(p, [7], cond, uncond)
     whole = tiny_pipeline.decode_float(latents)

@@ -28,7 +28,7 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float) -> float:
 
 @pytest.fixture(scope="module")
 def optimum_pipeline():
-    from sdrt.runtime.pipeline import Pipeline
+    from sdrt.runtime.pipeline.txt2img import Pipeline
 
     return Pipeline(OPTIMUM)
 
@@ -36,16 +36,16 @@ def optimum_pipeline():
 @pytest.fixture(scope="module")
 def sdrt_pipeline(tmp_path_factory):
     """sdrt's own export of the diffusers folder the optimum bundle was made from."""
-    from sdrt.export.bundle import export_checkpoint
-    from sdrt.runtime.pipeline import Pipeline
+    from sdrt.export.write import export_checkpoint
+    from sdrt.runtime.pipeline.txt2img import Pipeline
 
     return Pipeline(export_checkpoint(FIXTURE / "diffusers", tmp_path_factory.mktemp("optimum") / "sdrt"))
 
 
 def params(**kw):
-    from sdrt.runtime.pipeline import GenerationParams
+    from sdrt.runtime.pipeline.txt2img import GenerationParams
 
-    base = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=8, sampler="Euler a", cfg_scale=7.0, seed=123,
+    base = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=8, sampler_name="Euler a", cfg_scale=7.0, seed=123,
                 width=64, height=64)
     return GenerationParams(**{**base, **kw})
 
@@ -96,7 +96,7 @@ def test_generates(optimum_pipeline):
 @pytest.mark.parametrize("sampler", ["Euler a", "Euler", "DPM++ 2M"])
 def test_matches_sdrt_export_of_the_same_weights(optimum_pipeline, sdrt_pipeline, sampler):
     """optimum's float-timestep UNet takes the fractional timestep as sdrt's does: same images."""
-    p = params(sampler=sampler)
+    p = params(sampler_name=sampler)
     img_o, lat_o = generate_with_latents(optimum_pipeline, p)
     img_s, lat_s = generate_with_latents(sdrt_pipeline, p)
     assert psnr(img_o, img_s, 255.0) >= 50.0
@@ -120,10 +120,10 @@ def test_integer_timestep_graph_gets_the_rounded_step(tmp_path, steps_dim):
     import onnx
     from onnx import TensorProto, helper
 
-    from sdrt.runtime import schedules
+    from sdrt.runtime.backends.onnxruntime import Session
     from sdrt.runtime.bundle import open_bundle
-    from sdrt.runtime.denoiser import Denoiser
-    from sdrt.runtime.sessions import Session
+    from sdrt.runtime.sampling import schedules
+    from sdrt.runtime.sampling.denoiser import Denoiser
 
     model = onnx.load(str(OPTIMUM / "unet" / "model.onnx"))
     graph = model.graph

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sdrt.export import passes
-from sdrt.runtime import kernels
+from sdrt.runtime.backends import kernels
 
 F = TensorProto.FLOAT
 
@@ -195,17 +195,37 @@ def test_attention_left_alone_with_a_mask():
 
 # -- GELU, constants, dead nodes ------------------------------------------------------------------
 
-def test_gelu_fusion():
-    nodes = [_const("sqrt2", np.array(math.sqrt(2), np.float32)), _const("one", np.array(1.0, np.float32)),
-             _const("half", np.array(0.5, np.float32)),
+def _gelu_graph(divisor=math.sqrt(2), one=1.0, half=0.5):
+    """x * 0.5 * (1 + erf(x / sqrt 2)) in torch's exported order, its three constants replaceable."""
+    nodes = [_const("sqrt2", np.array(divisor, np.float32)), _const("one", np.array(one, np.float32)),
+             _const("half", np.array(half, np.float32)),
              helper.make_node("Div", ["x", "sqrt2"], ["a"]), helper.make_node("Erf", ["a"], ["e"]),
              helper.make_node("Add", ["e", "one"], ["p"]), helper.make_node("Mul", ["x", "p"], ["m"]),
              helper.make_node("Mul", ["m", "half"], ["y"])]
-    model = _model(nodes, [helper.make_tensor_value_info("x", F, ["n", 8])], [_out("y", 2)])
+    return _model(nodes, [helper.make_tensor_value_info("x", F, ["n", 8])], [_out("y", 2)])
+
+
+GELU_X = np.linspace(-6, 6, 48, dtype=np.float32).reshape(6, 8)
+
+
+def test_gelu_fusion():
+    model = _gelu_graph()
     fused, counts = _fused(model, ["fold_constants", "gelu", "dead_nodes"])
     assert counts["gelu"] == 1 and _ops(fused) == ["Gelu"]
-    x = np.linspace(-6, 6, 48, dtype=np.float32).reshape(6, 8)
-    np.testing.assert_allclose(_run(fused, {"x": x})[0], _run(model, {"x": x})[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_run(fused, {"x": GELU_X})[0], _run(model, {"x": GELU_X})[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("constants", [{"divisor": 2.0}, {"divisor": 1.42}, {"one": 2.0}, {"half": 0.25}],
+                         ids=["divisor-2", "divisor-1.42", "add-2", "mul-0.25"])
+def test_gelu_left_alone_with_other_constants(constants):
+    """The Erf-GELU shape with another divisor, offset or factor is not GELU: nothing fused, same numbers."""
+    model = _gelu_graph(**constants)
+    fused, counts = _fused(model, ["fold_constants", "gelu", "dead_nodes"])
+    assert counts["gelu"] == 0 and "Gelu" not in _ops(fused) and "Erf" in _ops(fused)
+    want = _run(model, {"x": GELU_X})[0]
+    np.testing.assert_array_equal(_run(fused, {"x": GELU_X})[0], want)
+    # and those numbers are not GELU's
+    assert np.max(np.abs(want - _run(_gelu_graph(), {"x": GELU_X})[0])) > 1e-3
 
 
 def test_fold_constants_and_dead_nodes():
@@ -228,7 +248,7 @@ def test_exported_bundle_graphs_are_fused_and_agree(tiny_bundle):
     """Every GroupNorm and attention of a real export is fused; outputs agree with the portable graph."""
     import json
 
-    from sdrt.runtime.sessions import Session
+    from sdrt.runtime.backends.onnxruntime import Session
 
     bundle = tiny_bundle
     manifest = json.loads((bundle / "sdrt.json").read_text())
@@ -260,9 +280,9 @@ def test_sd15_unet_every_attention_and_group_norm_fused(tmp_path):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sdrt.export.bundle import _optimize_component
     from sdrt.export.configs import sd1_configs
-    from sdrt.export.onnx import UNetGraph, export_component
+    from sdrt.export.graphs import UNetGraph, export_component
+    from sdrt.export.write import _optimize_component
     from sdrt.runtime.spec import unet_spec
 
     with torch.device("meta"):
@@ -276,9 +296,9 @@ def test_sd15_unet_every_attention_and_group_norm_fused(tmp_path):
     path = export_component(UNetGraph(unet), unet_spec(4, 4, 768), sizes, tmp_path / "unet")
     del unet
     portable = onnx.load(str(path), load_external_data=False)
-    entry = _optimize_component(path)["cpu"]  # what `sdrt export` does with each graph
+    entry = _optimize_component(path)["cpu"]  # what `sdrt export` does with each graph (a manifest Variant)
     fused = onnx.load(str(path.parent / "model.cpu.onnx"), load_external_data=False)
-    counts = entry["passes"]
+    counts = entry.details["passes"]
     # SD 1.5: 61 GroupNorms (22 ResNet blocks x 2, 16 transformer blocks, the output norm), and 16
     # transformer blocks with self- and cross-attention
     assert _ops(portable).count("InstanceNormalization") == 61 and counts["group_norm"] == 61
@@ -305,7 +325,7 @@ def test_no_optimize_and_graph_choice(tiny_checkpoint, tiny_bundle, tmp_path, mo
     only, and falls back to the portable one when the kernels library is missing or when asked."""
     import json
 
-    from sdrt.export.bundle import export_checkpoint
+    from sdrt.export.write import export_checkpoint
     from sdrt.runtime import bundle as bundle_mod
     from sdrt.runtime.bundle import open_bundle
 
@@ -326,7 +346,7 @@ def test_no_optimize_and_graph_choice(tiny_checkpoint, tiny_bundle, tmp_path, mo
 
 
 def test_fused_graph_without_the_kernels_library_is_one_clear_error(tiny_bundle, monkeypatch):
-    from sdrt.runtime import sessions
+    from sdrt.runtime.backends import onnxruntime as sessions
     from sdrt.runtime.errors import SdrtError
 
     monkeypatch.setattr(sessions.kernels, "available", lambda: False)

@@ -11,9 +11,10 @@ import onnx
 import pytest
 from PIL import Image
 
-from conftest import run_sdrt
-from sdrt.runtime.pipeline import GenerationParams
+from sdrt.runtime.pipeline.txt2img import GenerationParams
 from sdrt.runtime.png import parse_infotext
+
+from conftest import run_sdrt
 
 
 def test_bundle_layout_and_manifest(tiny_bundle, tiny_configs):
@@ -41,9 +42,9 @@ def test_graph_dynamic_axes(tiny_bundle):
 
 
 def test_generate_is_deterministic_and_seeds_follow_the_batch(tiny_pipeline):
-    p = GenerationParams("a red circle", steps=4, sampler="Euler a", seed=123, batch_size=2)
+    p = GenerationParams("a red circle", steps=4, sampler_name="Euler a", seed=123, batch_size=2)
     a = tiny_pipeline.generate(p)
-    b = tiny_pipeline.generate(GenerationParams("a red circle", steps=4, sampler="Euler a", seed=124))
+    b = tiny_pipeline.generate(GenerationParams("a red circle", steps=4, sampler_name="Euler a", seed=124))
     assert [r.seed for r in a] == [123, 124]
     # Image 2 of a batch equals the same prompt generated alone with seed N+1
     assert np.array_equal(np.asarray(a[1].image), np.asarray(b[0].image))
@@ -55,13 +56,13 @@ def test_sizes_and_long_prompts(tiny_pipeline):
     long_prompt = ", ".join(["a small red circle on a blue background"] * 12)  # > 75 tokens: 2+ chunks
     cond, uncond = tiny_pipeline.conditioning(GenerationParams(long_prompt))
     assert cond.tokens % 77 == 0 and cond.tokens >= 154 and uncond.tokens == cond.tokens
-    (img,) = tiny_pipeline.generate(GenerationParams(long_prompt, steps=2, sampler="Euler", seed=1,
+    (img,) = tiny_pipeline.generate(GenerationParams(long_prompt, steps=2, sampler_name="Euler", seed=1,
                                                      width=96, height=72))
     assert img.image.size == (96, 72)
 
 
 def test_infotext(tiny_pipeline):
-    p = GenerationParams("a red circle, blue", negative_prompt="ugly", steps=3, sampler="Euler",
+    p = GenerationParams("a red circle, blue", negative_prompt="ugly", steps=3, sampler_name="Euler",
                          scheduler="Karras", cfg_scale=6.5, seed=42, clip_skip=2)
     (r,) = tiny_pipeline.generate(p)
     prompt, negative, params = parse_infotext(r.infotext)
@@ -112,6 +113,18 @@ def test_cli_errors_are_one_line(tiny_bundle, tmp_path, args, message):
     assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
 
 
+def test_cli_sampler_options_and_rng_spelling(tiny_bundle, tmp_path):
+    out = tmp_path / "out"
+    r = run_sdrt("generate", "x", "--model", tiny_bundle, "--steps", 2, "--seed", 3, "--sampler", "Euler",
+                 "--s-churn", "0.5", "--s-tmin", "0.2", "--s-tmax", "9", "--rng", "CPU", "-o", out)
+    assert r.returncode == 0, r.stderr
+    _, _, params = parse_infotext(Image.open(out / "00000-3.png").text["parameters"])
+    assert (params["Sigma churn"], params["Sigma tmin"], params["Sigma tmax"], params["RNG"]) == ("0.5", "0.2", "9.0",
+                                                                                                  "CPU")
+    r = run_sdrt("generate", "x", "--model", tiny_bundle, "--rng", "gpu", "-o", tmp_path / "o2")
+    assert r.returncode == 1 and "noise source 'gpu'" in r.stderr and not (tmp_path / "o2").exists()
+
+
 def test_cli_missing_and_unreadable_models(tmp_path):
     r = run_sdrt("generate", "x", "--model", tmp_path / "nowhere")
     assert r.returncode == 1 and r.stderr.strip() == f"error: model not found: {tmp_path / 'nowhere'}"
@@ -145,7 +158,7 @@ def test_export_refuses_existing_output_and_bad_checkpoints(tiny_checkpoint, tin
     assert r.returncode == 1 and "not empty" in r.stderr and (target / "keep.txt").exists()
     from safetensors.torch import load_file
 
-    from sdrt.export.bundle import save_checkpoint
+    from sdrt.export.write import save_checkpoint
 
     sd = load_file(str(tiny_checkpoint))
     del sd["model.diffusion_model.out.2.weight"]

@@ -11,12 +11,24 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import run_sdrt
-from sdrt.export import precision
+from sdrt.export import quantize as precision
 from sdrt.export.reference import psnr
+from sdrt.runtime.backends.onnxruntime import Session
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.pipeline import GenerationParams, Pipeline
-from sdrt.runtime.sessions import Session
+from sdrt.runtime.pipeline.txt2img import GenerationParams, Pipeline
+from sdrt.runtime.precision import int8_saturates
+
+from conftest import run_sdrt
+
+# PSNR figures below were measured on an x86-64 CPU with AVX-512 VNNI (int8 products exact) with
+# ONNX Runtime 1.32: each is asserted within MARGIN dB of its measured value. Where int8 products
+# saturate (no VNNI) the int8 figures were not measured; there only a wider band is asserted.
+MARGIN = 3.0
+INT8_MARGIN = MARGIN if not int8_saturates() else 12.0
+
+
+def assert_db(value, measured: float, margin: float = MARGIN) -> None:
+    assert value is not None and abs(value - measured) <= margin, f"PSNR {value} dB, measured {measured} +- {margin}"
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +88,7 @@ def test_quantize_int8_shares_what_it_keeps(tmp_path):
              "context": rng.standard_normal((1, 8, 64)).astype(np.float32)}
     ref, ours = Session(src).run(feeds), Session(dst).run(feeds)
     np.testing.assert_array_equal(ref["ctx_out"], ours["ctx_out"])
-    assert 30 < psnr(ref["out"], ours["out"]) < 80  # quantized: close, not equal
+    assert_db(psnr(ref["out"], ours["out"]), 52.4, INT8_MARGIN)  # quantized: close, not equal (52.43)
 
 
 def _conv_model(tmp_path: Path) -> Path:
@@ -121,7 +133,7 @@ def test_quantize_int8_static(tmp_path):
 
     feeds = {"sample": np.random.default_rng(2).standard_normal((1, 4, 16, 16)).astype(np.float32)}  # held out
     ref, ours = Session(src).run(feeds)["out_sample"], Session(dst).run(feeds)["out_sample"]
-    assert 25 < psnr(ref, ours) < 80  # quantized: close, not equal
+    assert_db(psnr(ref, ours), 53.2, INT8_MARGIN)  # quantized: close, not equal (53.15)
 
 
 def test_export_writes_and_measures_each_precision(precise_bundle):
@@ -139,7 +151,11 @@ def test_export_writes_and_measures_each_precision(precise_bundle):
     int8 = m["precisions"]["cpu"]["int8"]
     runs = int8["fidelity"]["runs"]
     assert [r["sampler"] for r in runs] == ["Euler a", "DPM++ 2M"]
-    assert all(r["image_psnr"] is None or 5 < r["image_psnr"] < 100 for r in runs)
+    # measured: Euler a 50.10, DPM++ 2M 53.21 dB (dynamic); 23.37, 27.82 dB (static)
+    for r, measured in zip(runs, (50.1, 53.2)):
+        assert_db(r["image_psnr"], measured, INT8_MARGIN)
+    for r, measured in zip(m["precisions"]["cpu"]["int8-static"]["fidelity"]["runs"], (23.4, 27.8)):
+        assert_db(r["image_psnr"], measured, INT8_MARGIN)
     worst = min(99.0 if r["image_psnr"] is None else r["image_psnr"] for r in runs)
     assert int8["default"] == (worst >= precision.DEFAULT_MIN_PSNR)
     assert m["precisions"]["cuda"]["fp16"] == {**m["precisions"]["cuda"]["fp16"], "fidelity": None, "default": False}
@@ -164,10 +180,10 @@ def test_runtime_picks_the_precision(precise_bundle, tmp_path):
     pipe = Pipeline(bundle, precision="int8")
     assert Path(pipe.unet.path).name == "model.cpu-int8.onnx"
     assert Path(pipe.vae_decoder.path).name == "model.cpu.onnx"  # int8 leaves the VAE in fp32
-    p = GenerationParams("a red circle", steps=4, seed=3, sampler="DPM++ 2M")
+    p = GenerationParams("a red circle", steps=4, seed=3, sampler_name="DPM++ 2M")
     int8 = np.asarray(pipe.generate(p)[0].image, dtype=np.float64)
     fp32 = np.asarray(Pipeline(bundle, precision="fp32").generate(p)[0].image, dtype=np.float64)
-    assert 10 < psnr(fp32, int8, peak=255.0) < 100
+    assert_db(psnr(fp32, int8, peak=255.0), 50.4, INT8_MARGIN)  # measured 50.40
 
     # auto: fp32 unless the export's measurement made int8 the CPU default
     copy = shutil.copytree(bundle, tmp_path / "copy")
@@ -185,7 +201,7 @@ def test_runtime_picks_the_precision(precise_bundle, tmp_path):
     assert Path(Pipeline(copy).unet.path).name == "model.cpu-int8-static.onnx"
 
     # sdrt bench's fp32 backend runs fp32 graphs whatever the bundle's default
-    from sdrt.runtime.bench import RuntimePeer
+    from sdrt.benchmarks.harness import RuntimePeer
 
     peer = RuntimePeer({"bundle": str(copy), "device": "cpu", "options": {"session": "cpu"}, "precision": "fp32"})
     assert peer.pipe.precision == "fp32" and Path(peer.pipe.unet.path).name == "model.cpu.onnx"
@@ -193,7 +209,7 @@ def test_runtime_picks_the_precision(precise_bundle, tmp_path):
     static = Pipeline(bundle, precision="int8-static")
     assert Path(static.unet.path).name == "model.cpu-int8-static.onnx"
     image = np.asarray(static.generate(p)[0].image, dtype=np.float64)
-    assert 10 < psnr(fp32, image, peak=255.0) < 100
+    assert_db(psnr(fp32, image, peak=255.0), 23.5, INT8_MARGIN)  # measured 23.50
 
 
 def test_auto_int8_only_where_its_measurement_holds(precise_bundle, tmp_path, monkeypatch):
@@ -243,7 +259,8 @@ def test_fp16_graphs_keep_fp32_io_and_agree(precise_bundle):
              "encoder_hidden_states": rng.standard_normal((2, 77, 32)).astype(np.float32)}
     ref = Session(bundle / "unet" / "model.onnx").run(feeds)["out_sample"]
     out = half.run(feeds)["out_sample"]
-    assert out.dtype == np.float32 and 40 < psnr(ref, out) < 100
+    assert out.dtype == np.float32
+    assert_db(psnr(ref, out), 62.4)  # measured 62.39
 
 
 def test_half_vae_nan_is_retried_in_fp32(precise_bundle, caplog):
@@ -268,12 +285,12 @@ def test_verify_measures_a_precision_against_torch(precise_bundle, tiny_checkpoi
     from sdrt.export.reference import verify_bundle
 
     bundle, _ = precise_bundle
-    p = GenerationParams("a red circle", steps=4, seed=2, sampler="DPM++ 2M")
+    p = GenerationParams("a red circle", steps=4, seed=2, sampler_name="DPM++ 2M")
     fp32 = verify_bundle(bundle, tiny_checkpoint, p)
     int8 = verify_bundle(bundle, tiny_checkpoint, p, precision="int8")
     assert int8["request"]["precision"] == "int8" and fp32["request"]["precision"] == "fp32"
     assert fp32["stages"]["unet"]["psnr"] > 80
-    assert 20 < int8["stages"]["unet"]["psnr"] < fp32["stages"]["unet"]["psnr"]
+    assert_db(int8["stages"]["unet"]["psnr"], 48.6, INT8_MARGIN)  # measured 48.58
     assert int8["stages"]["text_encoder"]["psnr"] == fp32["stages"]["text_encoder"]["psnr"]  # fp32 in both
 
 

@@ -14,11 +14,11 @@ import time
 import numpy as np
 import pytest
 
-from sdrt.runtime.denoiser import CFGDenoiser
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.pipeline import GenerationParams
-from sdrt.runtime.prompt import parse_emphasis, parse_prompt, prompt_schedule, split_and
-from sdrt.runtime.text import CondSchedule, MultiCond, make_chunks
+from sdrt.runtime.pipeline.txt2img import GenerationParams
+from sdrt.runtime.sampling.denoiser import CFGDenoiser
+from sdrt.runtime.text.encoder import CondSchedule, MultiCond, make_chunks
+from sdrt.runtime.text.prompt import parse_emphasis, parse_prompt, prompt_schedule, split_and
 
 # -- emphasis (parse_prompt_attention) --
 
@@ -358,7 +358,7 @@ def test_cfg_takes_plain_arrays():
 
 @pytest.fixture(scope="module")
 def prompt_pipeline(tiny_bundle):
-    from sdrt.runtime.pipeline import Pipeline
+    from sdrt.runtime.pipeline.txt2img import Pipeline
 
     return Pipeline(tiny_bundle)
 
@@ -416,7 +416,8 @@ def test_second_order_samplers_get_schedules_over_twice_the_steps(prompt_pipelin
         sampling.resolve(sampler)
     except SdrtError:
         pytest.skip(f"no {sampler} sampler")
-    cond, uncond = prompt_pipeline.conditioning(GenerationParams("a [red:blue:0.5] circle", steps=6, sampler=sampler))
+    p = GenerationParams("a [red:blue:0.5] circle", steps=6, sampler_name=sampler)
+    cond, uncond = prompt_pipeline.conditioning(p)
     assert cond.parts[0][0].ends == (total // 2, total) and uncond.ends == (total,)
 
 
@@ -432,10 +433,10 @@ def test_distinct_texts_are_encoded_once(prompt_pipeline, monkeypatch):
 
 def test_infotext_carries_pad_conds(prompt_pipeline):
     long_prompt = ", ".join(["a small red circle on a blue background"] * 12)
-    (r,) = prompt_pipeline.generate(GenerationParams(long_prompt, negative_prompt="ugly", steps=1, sampler="Euler",
-                                                   seed=1))
+    (r,) = prompt_pipeline.generate(GenerationParams(long_prompt, negative_prompt="ugly", steps=1,
+                                                     sampler_name="Euler", seed=1))
     assert re.search(r", RNG: CPU, Pad conds: True, Version: ", r.infotext)
-    (r,) = prompt_pipeline.generate(GenerationParams("a cat", steps=1, sampler="Euler", seed=1))
+    (r,) = prompt_pipeline.generate(GenerationParams("a cat", steps=1, sampler_name="Euler", seed=1))
     assert "Pad conds" not in r.infotext and "TI hashes" not in r.infotext
 
 

@@ -12,6 +12,7 @@ of embeddings, the sampler arithmetic and the sigmas.
 
 from __future__ import annotations
 
+import re
 import time
 import tracemalloc
 
@@ -21,9 +22,9 @@ import torch
 
 from sdrt.export.reference import TorchReference, psnr
 from sdrt.runtime import sampling
-from sdrt.runtime.pipeline import GenerationParams, Pipeline, to_uint8
-from sdrt.runtime.prompt import parse_emphasis, prompt_schedule, split_and
-from sdrt.runtime.text import make_chunks
+from sdrt.runtime.pipeline.txt2img import GenerationParams, Pipeline, to_uint8
+from sdrt.runtime.text.encoder import make_chunks
+from sdrt.runtime.text.prompt import parse_emphasis, prompt_schedule, split_and
 
 WIDTH = 32
 
@@ -107,9 +108,11 @@ class WebuiReference:
 
     def conditioning(self, p: GenerationParams, steps: int):
         uncond = self.learned(p.negative_prompt, steps, p.clip_skip)
+        # processing.parse_extra_network_prompts: extra_networks.re_extra_net, on the prompt only
+        prompt = re.sub(r"<(\w+):([^>]+)>", "", p.prompt)
         flat = {}
         parts = []
-        for text, weight in split_and(p.prompt):
+        for text, weight in split_and(prompt):
             if text not in flat:
                 flat[text] = self.learned(text, steps, p.clip_skip)
             parts.append((flat[text], weight))
@@ -167,7 +170,7 @@ def e2e(tiny_bundle, tiny_checkpoint, emb_dir):
 
 def compare(pipe: Pipeline, ref: WebuiReference, p: GenerationParams) -> dict:
     """Runtime and reference on one request: PSNR and max-abs of the conditioning, latents, image."""
-    info, _ = sampling.resolve(p.sampler, p.scheduler)
+    info, _ = sampling.resolve(p.sampler_name, p.scheduler)
     steps = p.steps * 2 if info.second_order else p.steps
     cond, uncond = pipe.conditioning(p)
     parts, uncond_ref = ref.conditioning(p, steps)
@@ -204,8 +207,10 @@ CASES = {
     "embedding": GenerationParams("a mystyle cat, (bad-hands:1.3), [concept:dog:0.5]", negative_prompt="negemb"),
     "clip_skip": GenerationParams("a (red:1.3) [circle|square]", negative_prompt="(blue:0.8)", clip_skip=2),
     "unpadded": GenerationParams(LONG, negative_prompt="blurry", pad_conds=False),
-    "heun_edited": GenerationParams("a [red:blue:0.5] circle, [cat|dog]", negative_prompt="ugly", sampler="Heun",
-                                    steps=5),
+    "extra_networks": GenerationParams("a <lora:x:0.8>red circle, [<hypernet:h>cat|dog] AND <foo:bar>a square:0.5",
+                                       negative_prompt="ugly <lora:neg:1>"),
+    "heun_edited": GenerationParams("a [red:blue:0.5] circle, [cat|dog]", negative_prompt="ugly",
+                                    sampler_name="Heun", steps=5),
 }
 
 
@@ -213,8 +218,8 @@ CASES = {
 def test_matches_the_webui_reference(e2e, case):
     pipe, ref = e2e
     p = CASES[case]
-    p = GenerationParams(**{**p.__dict__, "sampler": p.sampler if p.sampler != "Euler a" else "Euler",
-                            "steps": p.steps if p.sampler == "Heun" else 8, "seed": 5, "width": 64, "height": 64})
+    p = GenerationParams(**{**p.__dict__, "sampler_name": p.sampler_name if p.sampler_name != "Euler a" else "Euler",
+                            "steps": p.steps if p.sampler_name == "Heun" else 8, "seed": 5, "width": 64, "height": 64})
     r = compare(pipe, ref, p)
     assert r["text_psnr"] >= 90 and r["latents_max_abs"] < 1e-3 and r["image_psnr"] >= 60, r
 
@@ -223,7 +228,7 @@ def test_twenty_thousand_characters_in_bounded_time_and_memory(e2e):
     pipe, _ = e2e
     unit = "a (photo:1.1) of a [cat|dog] on a [red:blue:0.5] mat, "
     prompt = (unit * (20_000 // len(unit) + 1))[:20_000]
-    p = GenerationParams(prompt, negative_prompt="ugly, " * 500, steps=2, sampler="Euler", seed=1)
+    p = GenerationParams(prompt, negative_prompt="ugly, " * 500, steps=2, sampler_name="Euler", seed=1)
     tracemalloc.start()
     start = time.perf_counter()
     cond, uncond = pipe.conditioning(p)

@@ -1,4 +1,4 @@
-"""sdrt.runtime.rng against real torch (bit for bit) and the webui's noise algorithms."""
+"""sdrt.runtime.sampling.noise against real torch (bit for bit) and the webui's noise algorithms."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.rng import ImageRNG, PhiloxNVGenerator, TorchCPUGenerator, _fma32, philox4x32_10
+from sdrt.runtime.sampling.noise import ImageRNG, PhiloxNVGenerator, TorchCPUGenerator, _fma32, philox4x32_10
 
 try:
     import torch
@@ -45,7 +45,7 @@ def _env_with_path(**extra) -> dict:
 
 
 def test_runtime_module_does_not_import_torch():
-    code = "import sys; sys.modules['torch'] = None; import sdrt.runtime.rng as r; r.ImageRNG((4, 8, 8), [1]).next()"
+    code = "import sys; sys.modules['torch'] = None; import sdrt.runtime.sampling.noise as r; r.ImageRNG((4, 8, 8), [1]).next()"
     proc = subprocess.run([sys.executable, "-c", code], env=_env_with_path(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 

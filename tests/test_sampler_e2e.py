@@ -13,11 +13,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_samplers import (TorchShim, diffusers_ddim, diffusers_plms, diffusers_unipc, load_k_diffusion_sampling,
-                           webui_restart_reference)
 from sdrt.export.reference import TorchReference, psnr
 from sdrt.runtime import sampling
-from sdrt.runtime.pipeline import GenerationParams, to_uint8
+from sdrt.runtime.pipeline.txt2img import GenerationParams, to_uint8
+from sdrt.runtime.sampling import schedules
+
+from test_samplers import (
+    TorchShim,
+    diffusers_ddim,
+    diffusers_plms,
+    diffusers_unipc,
+    load_k_diffusion_sampling,
+    webui_ddim_cfgpp,
+    webui_restart_reference,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -92,6 +101,13 @@ def reference_latents(kd, ref, info, sigmas, gens, cond, uncond, monkeypatch):
             return diffusers_ddim(eps, x, STEPS)
         if info.name == "PLMS":
             return diffusers_plms(eps, x, STEPS)
+        if info.name == "DDIM CFG++":
+            def eps_parts(x, t):
+                t = torch.as_tensor(t, dtype=torch.float32).reshape(1).expand(2)
+                out = ref.unet(torch.cat([x, x]), t, torch.cat([cond, uncond])).sample
+                return [(out[:1], 1.0)], out[1:]
+
+            return webui_ddim_cfgpp(eps_parts, x, sampling.timesteps_for(info, STEPS), schedules.alphas_cumprod(), CFG)
         return diffusers_unipc(eps, x, STEPS)
     t_sigmas = torch.from_numpy(sigmas.astype(np.float32))  # float32 like the webui's (the values are)
     x = gens.first * float(sigmas[0])
@@ -116,8 +132,9 @@ def reference_latents(kd, ref, info, sigmas, gens, cond, uncond, monkeypatch):
 @pytest.mark.parametrize("name", list(sampling.SAMPLERS))
 def test_sampler_matches_torch_reference(tiny_pipeline, kd, ref, monkeypatch, name):
     pipe = tiny_pipeline
-    p = GenerationParams(PROMPT, "blurry", steps=STEPS, sampler=name, seed=SEED, cfg_scale=CFG, ensd=31337)
-    info, schedule, width, height = pipe.check(p)
+    p = GenerationParams(PROMPT, "blurry", steps=STEPS, sampler_name=name, seed=SEED, cfg_scale=CFG, ensd=31337)
+    plan = pipe.plan(p)
+    info, schedule, width, height = plan.sampler, plan.schedule, plan.width, plan.height
     f = pipe.bundle.vae_scale_factor
     shape = (pipe.bundle.latent_channels, height // f, width // f)
 
@@ -129,7 +146,7 @@ def test_sampler_matches_torch_reference(tiny_pipeline, kd, ref, monkeypatch, na
     inner = pipe.denoiser.schedule
     sigmas = None
     if info.family != "timesteps":
-        from sdrt.runtime.denoiser import LCMDenoiser
+        from sdrt.runtime.sampling.denoiser import LCMDenoiser
 
         inner = LCMDenoiser(pipe.denoiser).schedule if info.family == "lcm" else inner
         sigmas = sampling.sigmas_for(schedule, STEPS, inner, sampler=info, arch=pipe.bundle.architecture)

@@ -5,7 +5,7 @@ package's ``__init__`` (which pulls in torchvision and friends): a private packa
 k-diffusion's ``sampling.py`` and a two-function stand-in for its ``utils``. The webui drives
 k-diffusion's own ``torch.randn_like`` through a shim (``TorchHijack``); we do the same, so both
 sides see one noise stream. SDE samplers use k-diffusion's ``BrownianTreeNoiseSampler`` (torchsde)
-on one side and ``sdrt.runtime.rng.BrownianTreeNoise`` on the other: exact, not in distribution.
+on one side and ``sdrt.runtime.sampling.noise.BrownianTreeNoise`` on the other: exact, not in distribution.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdrt.runtime import samplers, sampling
-from sdrt.runtime.rng import BrownianTreeNoise
+from sdrt.runtime import sampling
+from sdrt.runtime.sampling import samplers
+from sdrt.runtime.sampling.noise import BrownianTreeNoise
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("scipy", reason="k-diffusion's LMS reference integrates with scipy")
@@ -111,7 +112,7 @@ SHAPE = (2, 4, 8, 8)
 
 
 def sigma_table():
-    from sdrt.runtime.schedules import alphas_cumprod, model_sigmas
+    from sdrt.runtime.sampling.schedules import alphas_cumprod, model_sigmas
 
     return model_sigmas(alphas_cumprod())
 
@@ -326,7 +327,7 @@ def test_float32_stays_float32():
 # ---- timestep family against diffusers' schedulers ----------------------------------------------
 
 def sd_alphas_cumprod():
-    from sdrt.runtime.schedules import alphas_cumprod
+    from sdrt.runtime.sampling.schedules import alphas_cumprod
 
     return alphas_cumprod()
 
@@ -371,7 +372,7 @@ def diffusers_unipc(eps, x, steps, order=3, variant="bh1"):
     model timesteps replaced by the webui UniPC's t = 1 ... 1/1000, uniform in time."""
     from diffusers import UniPCMultistepScheduler
 
-    from sdrt.runtime.samplers import _VPSchedule, unipc_times
+    from sdrt.runtime.sampling.samplers import _VPSchedule, unipc_times
 
     sch = UniPCMultistepScheduler(**SD_SCHEDULER, solver_order=order, predict_x0=True, solver_type=variant,
                                   lower_order_final=True, timestep_spacing="linspace", final_sigmas_type="sigma_min")
@@ -389,7 +390,7 @@ def diffusers_unipc(eps, x, steps, order=3, variant="bh1"):
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 @pytest.mark.parametrize("steps", [10, 20])
 def test_ddim_matches_diffusers(eta, steps):
-    from sdrt.runtime.sampling import SAMPLERS, timesteps_for
+    from sdrt.runtime.sampling.registry import SAMPLERS, timesteps_for
 
     x0 = np.random.default_rng(3).standard_normal(SHAPE)
     noises = [torch.randn(SHAPE, generator=torch.Generator().manual_seed(100 + i), dtype=torch.float64)
@@ -401,9 +402,134 @@ def test_ddim_matches_diffusers(eta, steps):
     assert_close(ref, ours)
 
 
+def webui_ddim_cfgpp(eps_parts, x, timesteps, alphas_cumprod, cfg_scale, eta=0.0, noises=None):
+    """The webui 1.10's ``ddim_cfgpp`` in torch, with its CFG denoiser's ``combine_denoised`` at
+    cfg_scale / 12.5 (``cond_scale_miltiplier``): x0 from the guided noise, the direction to x_t
+    along the unconditional noise (``last_noise_uncond``), ``randn_like`` drawn every step.
+
+    ``eps_parts(x, t)`` returns ([(cond eps, weight), ...], uncond eps) for one model call."""
+    ac = torch.as_tensor(np.asarray(alphas_cumprod), dtype=torch.float32)
+    ts = torch.as_tensor(np.asarray(timesteps), dtype=torch.int64)
+    alphas = ac[ts]
+    alphas_prev = ac[torch.nn.functional.pad(ts[:-1], pad=(1, 0))].to(torch.float64)
+    sqrt_one_minus_alphas = torch.sqrt(1 - alphas)
+    sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas.double()) * (1 - alphas.double() / alphas_prev))
+    scale = cfg_scale * (1 / 12.5)
+    for i in range(len(ts) - 1):
+        index = len(ts) - 1 - i
+        conds, uncond = eps_parts(x, float(ts[index]))
+        e_t = uncond.clone()
+        for e_c, weight in conds:
+            e_t = e_t + (e_c - uncond) * (weight * scale)
+        a_t = torch.tensor(alphas[index].item(), dtype=x.dtype)
+        a_prev = torch.tensor(alphas_prev[index].item(), dtype=x.dtype)
+        sigma_t = torch.tensor(sigmas[index].item(), dtype=x.dtype)
+        pred_x0 = (x - sqrt_one_minus_alphas[index].item() * e_t) / a_t.sqrt()
+        dir_xt = (1.0 - a_prev - sigma_t**2).sqrt() * uncond
+        noise = sigma_t * (noises[i] if noises is not None else torch.zeros_like(x))
+        x = a_prev.sqrt() * pred_x0 + dir_xt + noise
+    return x
+
+
+def context_eps(lib):
+    """analytic_eps plus a term that depends on the conditioning (its mean per row)."""
+    base = analytic_eps(lib)
+
+    def eps(x, t, context):
+        c = context.mean(axis=(1, 2)) if lib is np else context.mean(dim=(1, 2))
+        return base(x, t) + 0.2 * c.reshape(-1, 1, 1, 1) * lib.cos(x)
+    return eps
+
+
+# (cfg_scale, [(cond value, AND weight), ...], eta): 12.5 is guidance 1, where CFG would skip the uncond
+CFGPP_CASES = [(7.0, [(0.4, 1.0)], 0.0), (12.5, [(0.4, 1.0)], 0.0), (5.0, [(0.4, 1.0), (-0.3, 0.6)], 0.7)]
+
+
+@pytest.mark.parametrize("cfg_scale, parts, eta", CFGPP_CASES)
+def test_ddim_cfgpp_matches_webui_algorithm(cfg_scale, parts, eta):
+    from sdrt.runtime.sampling.denoiser import CFGDenoiser
+    from sdrt.runtime.text.encoder import CondSchedule, MultiCond
+
+    info, _ = sampling.resolve("DDIM CFG++")
+    steps = 10
+    timesteps = sampling.timesteps_for(info, steps)
+    x0 = np.random.default_rng(8).standard_normal(SHAPE)
+    noises = [torch.randn(SHAPE, generator=torch.Generator().manual_seed(200 + i), dtype=torch.float64)
+              for i in range(steps)]
+    contexts = [(np.full((3, 2), value), weight) for value, weight in parts]
+    uncond_ctx = np.full((3, 2), -0.1)
+
+    t_eps = context_eps(torch)
+
+    def eps_parts(x, t):
+        conds = [(t_eps(x, t, torch.from_numpy(c)[None]), w) for c, w in contexts]
+        return conds, t_eps(x, t, torch.from_numpy(uncond_ctx)[None])
+
+    ref = webui_ddim_cfgpp(eps_parts, torch.from_numpy(x0), timesteps, sd_alphas_cumprod(), cfg_scale, eta,
+                           noises).numpy()
+    cond = MultiCond(tuple((CondSchedule((100,), (c,)), w) for c, w in contexts))
+    # What the pipeline builds: the guidance at cfg_scale times the sampler's multiplier
+    model = CFGDenoiser(lambda x, t, ctx: context_eps(np)(x, t, ctx), cond, CondSchedule((100,), (uncond_ctx,)),
+                        cfg_scale * info.cfg_scale_multiplier)
+    it = iter(noises)
+    ours = info.fn(model, x0.copy(), timesteps, alphas_cumprod=sd_alphas_cumprod(), eta=eta,
+                   noise=lambda *a: next(it).numpy())
+    assert_close(ref, ours)
+    # The renoising direction matters: plain DDIM through the same guidance lands elsewhere
+    plain = samplers.sample_ddim(CFGDenoiser(model.model, cond, model.uncond, model.cfg_scale), x0.copy(), timesteps,
+                                 alphas_cumprod=sd_alphas_cumprod())
+    assert np.max(np.abs(plain - ours)) > 1e-3
+
+
+def test_ddim_cfgpp_needs_a_cfg_model():
+    info, _ = sampling.resolve("ddim_cfgpp")
+    with pytest.raises(TypeError, match="CFGDenoiser"):
+        info.fn(analytic_eps(np), np.zeros(SHAPE), sampling.timesteps_for(info, 4), alphas_cumprod=sd_alphas_cumprod())
+
+
+def test_ddim_cfgpp_float32_stays_float32():
+    from sdrt.runtime.sampling.denoiser import CFGDenoiser
+
+    info = sampling.SAMPLERS["DDIM CFG++"]
+    eps = context_eps(np)
+    model = CFGDenoiser(lambda x, t, ctx: eps(x, t, ctx).astype(np.float32), np.full((1, 3, 2), 0.4, np.float32),
+                        np.zeros((1, 3, 2), np.float32), 7.0 * info.cfg_scale_multiplier)
+    x = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
+    out = info.fn(model, x, sampling.timesteps_for(info, 6), alphas_cumprod=sd_alphas_cumprod())
+    assert out.dtype == np.float32 and model.last_uncond.dtype == np.float32 and np.all(np.isfinite(out))
+
+
+def test_ddim_cfgpp_registry():
+    from sdrt.runtime.errors import SdrtError
+
+    info, schedule = sampling.resolve("DDIM CFG++")
+    assert sampling.resolve("ddim_cfgpp")[0] is info and sampling.resolve("ddim cfg++")[0] is info
+    assert info.fn is samplers.sample_ddim_cfgpp and info.family == "timesteps" and schedule == "Uniform"
+    # The webui's sampler sets cond_scale_miltiplier = 1 / 12.5; no other sampler scales CFG
+    assert info.cfg_scale_multiplier == 1 / 12.5
+    assert all(s.cfg_scale_multiplier == 1.0 for s in sampling.SAMPLERS.values() if s is not info)
+    # The webui lists it right after DDIM
+    names = list(sampling.SAMPLERS)
+    assert names[names.index("DDIM") + 1] == "DDIM CFG++"
+    # Its steps are DDIM's timesteps, and like DDIM it needs 2 steps and takes no schedule
+    assert np.array_equal(sampling.timesteps_for(info, 30), sampling.timesteps_for(sampling.SAMPLERS["DDIM"], 30))
+    with pytest.raises(SdrtError, match="at least 2 steps"):
+        sampling.check_steps(info, 1)
+    with pytest.raises(SdrtError, match="Automatic"):
+        sampling.resolve("DDIM CFG++", "Karras")
+    assert sampling.infotext_schedule("DDIM CFG++") == "Automatic"
+    # eta is the webui's eta_ddim: default 0, written as "Eta DDIM" when set
+    assert sampling.sampler_options(info) == {"eta": 0.0} and not info.ancestral
+    assert sampling.options_infotext(info, sampling.sampler_options(info)) == {}
+    options = sampling.sampler_options(info, eta=0.3)
+    assert sampling.options_infotext(info, options) == {"Eta DDIM": 0.3}
+    # With eta it draws from the (ENSD-reseeded) generators; the webui would not write ENSD (no uses_ensd)
+    assert info.draws_noise(options) and not info.uses_ensd
+
+
 @pytest.mark.parametrize("steps", [5, 20])
 def test_plms_matches_diffusers(steps):
-    from sdrt.runtime.sampling import SAMPLERS, timesteps_for
+    from sdrt.runtime.sampling.registry import SAMPLERS, timesteps_for
 
     x0 = np.random.default_rng(4).standard_normal(SHAPE)
     ref = diffusers_plms(analytic_eps(torch), torch.from_numpy(x0), steps).numpy()
@@ -439,8 +565,8 @@ def test_lcm_matches_diffusers(steps):
     """Where the webui's LCM sigmas fall on the LCM timesteps (n - 1 divides 49), it is diffusers' LCMScheduler."""
     from diffusers import LCMScheduler
 
-    from sdrt.runtime.denoiser import LCMDenoiser
-    from sdrt.runtime.sampling import sigmas_for
+    from sdrt.runtime.sampling.denoiser import LCMDenoiser
+    from sdrt.runtime.sampling.registry import sigmas_for
 
     lcm = LCMDenoiser(FakeEpsDenoiser(analytic_eps(np)))
     sigmas = sigmas_for("Uniform", steps, lcm.schedule, sampler=sampling.SAMPLERS["LCM"])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdrt.runtime import sampling, schedules
+from sdrt.runtime import sampling
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.sampling import schedules
 
 TABLE = schedules.model_sigmas(schedules.alphas_cumprod())
 LO, HI = float(TABLE[0]), float(TABLE[-1])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.pipeline import GenerationParams
-from sdrt.runtime.rng import ImageRNG, slerp
+from sdrt.runtime.pipeline.txt2img import GenerationParams
+from sdrt.runtime.sampling.noise import ImageRNG, slerp
 
 torch = pytest.importorskip("torch")
 
@@ -81,29 +81,29 @@ def test_gpu_source_is_not_available_yet():
 
 
 def _params(pipe, p, seed=5, subseed=None):
-    info, _, w, h = pipe.check(p)
-    return pipe.infotext_params(p, info, seed, w, h, subseed=subseed)
+    plan = pipe.plan(p)
+    return plan.image_fields(plan.infotext_fields(pipe.bundle.model_hash, pipe.bundle.name), seed, subseed)
 
 
 def test_infotext_entries(tiny_pipeline):
     pipe = tiny_pipeline
     base = dict(prompt="x", steps=4, seed=5)
-    assert _params(pipe, GenerationParams(sampler="Euler a", ensd=7, **base))["ENSD"] == 7
-    assert _params(pipe, GenerationParams(sampler="Euler", ensd=7, **base))["ENSD"] is None
-    assert _params(pipe, GenerationParams(sampler="DPM++ 2M SDE", ensd=7, **base))["ENSD"] is None  # tree noise
-    assert _params(pipe, GenerationParams(sampler="Euler a", ensd=7, eta=0.0, **base))["ENSD"] is None
-    euler_a = _params(pipe, GenerationParams(sampler="Euler a", eta=0.5, s_noise=0.9, **base))
+    assert _params(pipe, GenerationParams(sampler_name="Euler a", ensd=7, **base))["ENSD"] == 7
+    assert _params(pipe, GenerationParams(sampler_name="Euler", ensd=7, **base))["ENSD"] is None
+    assert _params(pipe, GenerationParams(sampler_name="DPM++ 2M SDE", ensd=7, **base))["ENSD"] is None  # tree noise
+    assert _params(pipe, GenerationParams(sampler_name="Euler a", ensd=7, eta=0.0, **base))["ENSD"] is None
+    euler_a = _params(pipe, GenerationParams(sampler_name="Euler a", eta=0.5, s_noise=0.9, **base))
     assert euler_a["Eta"] == 0.5 and euler_a["Sigma noise"] == 0.9 and euler_a["Schedule type"] == "Automatic"
-    assert "Eta" not in _params(pipe, GenerationParams(sampler="Euler a", **base))
-    assert _params(pipe, GenerationParams(sampler="DDIM", eta=0.3, **base))["Eta DDIM"] == 0.3
-    assert _params(pipe, GenerationParams(sampler="DPM++ 2M", **base))["Schedule type"] == "Karras"
-    var = _params(pipe, GenerationParams(sampler="Euler", subseed=40, subseed_strength=0.25, seed_resize_from_w=96,
+    assert "Eta" not in _params(pipe, GenerationParams(sampler_name="Euler a", **base))
+    assert _params(pipe, GenerationParams(sampler_name="DDIM", eta=0.3, **base))["Eta DDIM"] == 0.3
+    assert _params(pipe, GenerationParams(sampler_name="DPM++ 2M", **base))["Schedule type"] == "Karras"
+    var = _params(pipe, GenerationParams(sampler_name="Euler", subseed=40, subseed_strength=0.25, seed_resize_from_w=96,
                                          seed_resize_from_h=64, **base), subseed=41)
     assert (var["Variation seed"], var["Variation seed strength"], var["Seed resize from"]) == (41, 0.25, "96x64")
 
 
 def test_variation_seed_batch_keeps_the_seed(tiny_pipeline):
-    p = GenerationParams("x", steps=2, sampler="Euler", seed=10, subseed=50, subseed_strength=0.5, batch_size=2)
+    p = GenerationParams("x", steps=2, sampler_name="Euler", seed=10, subseed=50, subseed_strength=0.5, batch_size=2)
     images = tiny_pipeline.generate(p)
     assert [im.seed for im in images] == [10, 10]
     assert "Variation seed: 50," in images[0].infotext and "Variation seed: 51," in images[1].infotext
@@ -120,7 +120,7 @@ def test_non_finite_latents_name_the_step(tiny_pipeline, monkeypatch):
         return out * np.float32(np.nan) if len(calls) >= 3 else out
 
     monkeypatch.setattr(pipe.denoiser, "run_unet", poisoned)
-    p = GenerationParams("x", steps=6, sampler="Euler a", seed=1, cfg_scale=1.0)
+    p = GenerationParams("x", steps=6, sampler_name="Euler a", seed=1, cfg_scale=1.0)
     cond, uncond = pipe.conditioning(p)
     with pytest.raises(SdrtError, match="at step 3") as e:
         pipe.sample(p, [1], cond, uncond)

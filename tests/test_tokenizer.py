@@ -1,4 +1,4 @@
-"""sdrt.runtime.tokenizer: CLIP BPE ids as the webui gets them.
+"""sdrt.runtime.text.tokenizer: CLIP BPE ids as the webui gets them.
 
 References: transformers' fast CLIPTokenizer (transformers 5 has no slow one); a re-statement of
 the slow one (transformers 4.x ``CLIPTokenizer`` with ftfy) and of open_clip's ``SimpleTokenizer``
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.tokenizer import _DATA_DIR, ClipTokenizer
+from sdrt.runtime.text.tokenizer import _DATA_DIR, ClipTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -384,7 +384,7 @@ def test_imports_without_torch_or_transformers():
         "import sys\n"
         "sys.modules['torch'] = None\n"
         "sys.modules['transformers'] = None\n"
-        "from sdrt.runtime.tokenizer import ClipTokenizer\n"
+        "from sdrt.runtime.text.tokenizer import ClipTokenizer\n"
         "assert ClipTokenizer.default().encode('a photo of a cat') == [320, 1125, 539, 320, 2368]\n"
         "assert sys.modules['torch'] is None and sys.modules['transformers'] is None\n"
     )

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from sdrt.runtime.models import default_model_path
-from sdrt.runtime.pipeline import GenerationParams, Pipeline
+from sdrt.models import default_model_path
+from sdrt.runtime.pipeline.txt2img import GenerationParams, Pipeline
+
 from tools import shapes
 
 PAIRS = [("red", "blue"), ("green", "yellow"), ("blue", "white"), ("yellow", "purple"),
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
     for row, shape in enumerate(shapes.SHAPES):
         for col, (fg, bg) in enumerate(PAIRS):
             prompt = shapes.caption(shape, fg, bg)
-            p = GenerationParams(prompt, steps=args.steps, sampler=args.sampler, seed=1000 + row * len(PAIRS) + col)
+            p = GenerationParams(prompt, steps=args.steps, sampler_name=args.sampler, seed=1000 + row * len(PAIRS) + col)
             (result,) = pipe.generate(p)
             x, y = col * side, row * (side + LABEL)
             sheet.paste(result.image, (x, y))

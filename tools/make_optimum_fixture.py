@@ -69,7 +69,7 @@ def build_diffusers_folder(dst: Path) -> None:
     from transformers import CLIPTokenizer
 
     from sdrt.export.tiny import random_modules, scaled_sd1_configs
-    from sdrt.runtime.tokenizer import ClipTokenizer
+    from sdrt.runtime.text.tokenizer import ClipTokenizer
 
     configs = scaled_sd1_configs(**TINY)
     unet, vae, text_encoder = random_modules(configs, seed=0)

@@ -92,8 +92,8 @@ def encode_dataset(vae, n: int, seed: int) -> tuple[torch.Tensor, list[str], flo
 
 def token_ids(captions: list[str]) -> torch.Tensor:
     """[n, 77] ids, framed and padded exactly as the runtime frames a one-chunk prompt."""
-    from sdrt.runtime.text import make_chunks
-    from sdrt.runtime.tokenizer import ClipTokenizer
+    from sdrt.runtime.text.encoder import make_chunks
+    from sdrt.runtime.text.tokenizer import ClipTokenizer
 
     tok = ClipTokenizer.default()
     rows = []
@@ -207,9 +207,9 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
 
     from sdrt.export import convert
-    from sdrt.export.bundle import export_checkpoint, save_checkpoint
     from sdrt.export.tiny import random_modules
-    from sdrt.runtime.schedules import alphas_cumprod
+    from sdrt.export.write import export_checkpoint, save_checkpoint
+    from sdrt.runtime.sampling.schedules import alphas_cumprod
 
     configs = configs_for_default_model()
     unet, vae, text_encoder = random_modules(configs, seed=args.seed)
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
         train_unet(unet, text_encoder, scaled, ids, empty, ac, args.unet_steps, args.unet_batch, args.seed + 2)
         save(phase1)
     # Phase 2 starts from the saved fp16 phase-1 weights (so a resumed run continues identically)
-    from sdrt.export.bundle import load_checkpoint
+    from sdrt.export.write import load_checkpoint
 
     _, components, _ = load_checkpoint(phase1)
     unet, _, text_encoder = convert.build_modules(configs, components)

@@ -1,0 +1,419 @@
+"""Reduced-precision graphs: int8 for CPUs, fp16 for NVIDIA GPUs, and their measured fidelity.
+
+``sdrt export --precision int8`` adds ``unet/model.cpu-int8.onnx``: the CPU graph (fused, see
+:mod:`sdrt.export.passes`) with ONNX Runtime's dynamic quantization applied to its weight
+MatMuls over image tokens (:func:`image_stream_matmuls`). Weights become int8 (symmetric, per tensor);
+activations are quantized per run, per tensor, to uint8 (``DynamicQuantizeLinear``), so no
+calibration set is needed and every timestep and prompt gets its own activation range. The
+quantized graph stores only the tensors the quantizer created (int8 weights, scales, zero points)
+in ``model.cpu-int8.onnx_data``; every tensor it keeps unchanged points into the fp32 graph's
+``model.onnx_data``, so the bundle grows by the int8 weights only. Only the UNet is quantized:
+it is the sampling loop's whole cost; the text encoder runs once and the VAE stays fp32 (what
+the webui calls ``--no-half-vae``).
+
+``sdrt export --precision int8-static`` adds ``unet/model.cpu-int8-static.onnx``: every
+convolution and weight MatMul over image tokens in int8 (``QLinearConv`` / ``QLinearMatMul``,
+MLAS's VNNI kernels), weights per output channel, activations with fixed ranges calibrated at
+export (:func:`calibration_feeds`: the UNet inputs of every step of fp32 generations from
+:data:`CALIBRATION_PROMPTS`, min/max over all of them), then the CPU graph passes. About 2.2x
+the fp32 CPU graph's speed on the SD 1.5 UNet (AVX-512 VNNI, 2 threads; docs/OPTIMIZATION.md);
+the fixed ranges cost fidelity, measured like every precision. The first and last convolutions
+(4 latent channels in and out) stay fp32.
+
+``sdrt export --precision fp16`` adds ``<component>/model.cuda-fp16.onnx`` for ONNX Runtime's
+CUDA provider: the portable graph with fp16 weights and activations (onnxruntime's float16
+converter), fp32 inputs and outputs (the runtime's numpy loop stays fp32), and the ops that
+overflow or lose too much in fp16 kept in fp32 (:data:`FP16_KEEP_FP32`). TensorRT engines take
+their precision from ``sdrt build --precision`` instead and build from the portable graph.
+
+:func:`measure` renders short generations (an ancestral and a deterministic sampler) with the
+fp32 graphs and with a reduced precision, the same seed and noise, and reports the PSNR and
+max-abs of the final 8-bit images. The exporter records it in the manifest; a precision becomes
+its device's default (``--precision auto``) only when its worst image reaches
+:data:`DEFAULT_MIN_PSNR` dB on this measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from sdrt.export import passes
+from sdrt.runtime import pipeline
+from sdrt.runtime.bundle import variant_key
+from sdrt.runtime.precision import int8_saturates
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_PSNR = 35.0  # dB on the final image: below it a precision is opt-in only
+INT8_SUFFIX = variant_key("cpu", "int8")
+INT8_STATIC_SUFFIX = variant_key("cpu", "int8-static")
+FP16_SUFFIX = variant_key("cuda", "fp16")
+SUFFIXES = {"int8": INT8_SUFFIX, "int8-static": INT8_STATIC_SUFFIX, "fp16": FP16_SUFFIX}  # model.<suffix>.onnx
+# Calibration requests of int8-static: other prompts and seeds than the measurement's (see measure)
+CALIBRATION_PROMPTS = ("a green triangle on a yellow background", "a photograph of a mountain lake at sunrise",
+                       "a purple square on an orange background", "portrait of an old man, oil painting")
+CALIBRATION_SEED = 1000
+# Kept in fp32 in fp16 graphs: normalisations and their reductions (sums of squares overflow
+# fp16's 65504), the softmax's exponent, the timestep embedding's sin/cos/exp (arguments up to
+# 1000 lose their fraction in fp16), and the range-sensitive Pow / Sqrt / Reciprocal.
+FP16_KEEP_FP32 = ("InstanceNormalization", "LayerNormalization", "GroupNormalization", "ReduceMean", "Pow",
+                  "Sqrt", "Reciprocal", "Softmax", "Exp", "Sin", "Cos", "Range", "CumSum")
+
+
+@dataclass
+class QuantizeReport:
+    counts: dict[str, int]   # quantized nodes per op type, e.g. {"MatMulInteger": 140}
+    own_bytes: int           # bytes in the variant's own data file
+    shared_bytes: int        # bytes read from the fp32 graph's data file
+    custom_ops: bool = False  # the graph imports the ai.sdrt domain (needs sdrt's kernels library)
+    bf16_attention: int = 0  # self-attention nodes given to ai.sdrt.Attention (passes.bf16_attention)
+
+    def summary(self) -> str:
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+        return (f"int8: {ops}; bf16 attention {self.bf16_attention}; "
+                f"{self.own_bytes / 2**20:.1f} MB of int8 weights, "
+                f"{self.shared_bytes / 2**20:.1f} MB shared with the fp32 graph")
+
+
+def quantize_int8(src: str | Path, dst: str | Path) -> QuantizeReport:
+    """Write ``dst``: ``src`` with dynamic int8 quantization of its weight MatMuls.
+
+    Convolutions stay fp32: ONNX Runtime's dynamic ``ConvInteger`` measured slower than its fp32
+    Conv on the SD 1.5 UNet (2.89 s vs 2.44 s per guided step at 256x256, 2 AVX2 threads), and
+    static QLinearConv would need calibrated activation ranges per timestep.
+
+    ``src`` is an exported graph whose weights live in ``model.onnx_data`` beside it (as
+    :func:`sdrt.export.graphs.externalize` leaves them); tensors the quantizer keeps as they were
+    stay there and ``dst`` refers to them. Written to a temporary name, then renamed."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = Path(src), Path(dst)
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as work:
+        staged = Path(work) / dst.name
+        # DefaultTensorType: outputs of sdrt's fused ops (unknown to onnx's shape inference) are
+        # fp32; MatMulConstBOnly: activation x activation MatMuls (none left outside the fused
+        # attention) stay fp32; symmetric int8 weights use MLAS's u8s8 kernels
+        source = onnx.load(str(src), load_external_data=False)
+        quantized = image_stream_matmuls(source)
+        exclude = [n.name for n in source.graph.node if n.op_type == "MatMul" and n.name not in quantized]
+        with _quiet_root_warnings():  # the quantizer logs advice to the root logger on every call
+            quantize_dynamic(str(src), str(staged), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                             nodes_to_exclude=exclude,
+                             per_channel=False, use_external_data_format=True,
+                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+        return _save_quantized(staged, src, dst, ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
+                                                  "MatMulIntegerToFloat"))
+
+
+def _save_quantized(staged: Path, src: Path, dst: Path, op_types: tuple[str, ...]) -> QuantizeReport:
+    """Move a quantizer's output (``staged``, with its weights) to ``dst``: tensors equal to
+    ``src``'s are read from ``src``'s data file, the rest go to ``dst``'s own; counts ``op_types``.
+
+    On the way, self-attention becomes sdrt's bf16 attention (:func:`passes.bf16_attention`): a
+    reduced-precision graph takes it with its int8 products, and is measured with it."""
+    model = onnx.load(str(staged), load_external_data=True)
+    attention = passes.bf16_attention(passes.Graph(model, staged.parent))
+    shared = _share_unchanged(model, src)
+    # The data file first, under the name the graph refers to; the graph last, renamed into place
+    data_name = dst.name[:-len(".onnx")] + ".onnx_data"
+    tmp = dst.with_name(f".{dst.name}.partial")
+    onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    own = (dst.parent / data_name).stat().st_size if (dst.parent / data_name).exists() else 0
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in op_types:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    os.replace(tmp, dst)
+    return QuantizeReport(counts, own, shared, any(o.domain == passes.SDRT_DOMAIN for o in model.opset_import),
+                          attention)
+
+
+def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]], *,
+                         optimize: bool = True) -> QuantizeReport:
+    """Write ``dst``: the portable graph ``src`` with static int8 convolutions and MatMuls.
+
+    Activation ranges are the min/max over ``feeds`` (:func:`calibration_feeds`) of every tensor a
+    quantized op reads or writes; weights are int8 symmetric per output channel, activations uint8
+    with a zero point (u8 x s8, the VNNI instruction's form). Quantized: the image-token MatMuls
+    (:func:`image_stream_matmuls`) and every convolution but the first and the last, whose 4
+    latent channels carry the sample itself. With ``optimize`` the CPU graph passes run on the
+    result (its GroupNorms, attention and GELU stay fp32 and fuse as in ``model.cpu.onnx``).
+    Unchanged tensors are read from ``src``'s data file, as in :func:`quantize_int8`."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self._feeds, None)
+
+    if not feeds:
+        raise ValueError("static int8 quantization needs calibration feeds")
+    src, dst = Path(src), Path(dst)
+    source = onnx.load(str(src), load_external_data=False)
+    quantized = image_stream_matmuls(source)
+    inputs = {i.name for i in source.graph.input}
+    outputs = {o.name for o in source.graph.output}
+    exclude = [n.name for n in source.graph.node
+               if (n.op_type == "MatMul" and n.name not in quantized)
+               or (n.op_type == "Conv" and (n.input[0] in inputs or n.output[0] in outputs))]
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as work:
+        staged = Path(work) / "model.onnx"
+        with _quiet_root_warnings():
+            quantize_static(str(src), str(staged), Reader(), quant_format=QuantFormat.QOperator,
+                            op_types_to_quantize=["Conv", "MatMul"], nodes_to_exclude=exclude, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            use_external_data_format=True,
+                            calibration_providers=["CPUExecutionProvider"],
+                            extra_options={"MatMulConstBOnly": True})
+        if optimize:
+            fused = staged.with_name("model.cpu.onnx")
+            report = passes.optimize_file(staged, fused)
+            log.info("int8-static: %s", report.summary())
+            staged = fused
+        return _save_quantized(staged, src, dst, ("QLinearConv", "QLinearMatMul"))
+
+
+class _RecordingUNet:
+    """Stands in for a pipeline's UNet session: runs it and keeps each input, typed as the graph
+    takes it, for calibration."""
+
+    def __init__(self, session):
+        self.session = session
+        self.feeds: list[dict[str, np.ndarray]] = []
+
+    def run(self, feeds, outputs=None):
+        self.feeds.append({k: np.ascontiguousarray(v, dtype=self.session.input_dtype(k)) for k, v in feeds.items()})
+        return self.session.run(feeds, outputs)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def calibration_feeds(bundle_dir: str | Path, *, prompts: tuple[str, ...] = CALIBRATION_PROMPTS, steps: int = 10,
+                      samplers: tuple[str, ...] = ("Euler a", "DPM++ 2M"), seed: int = CALIBRATION_SEED,
+                      max_size: int = 256) -> list[dict[str, np.ndarray]]:
+    """The UNet's inputs at every step of fp32 CPU generations, one per prompt (samplers taken in
+    turn, seeds from ``seed``), at the bundle's default size capped at ``max_size``: what the
+    network sees over a whole trajectory, from pure noise to the last step, with CFG's batch."""
+    pipe = pipeline.Pipeline(bundle_dir, device="cpu", precision="fp32")
+    pipe.wrap_unet(_RecordingUNet)
+    recorder = pipe.unet
+    width, height = (min(v, max_size) for v in pipe.bundle.default_size)
+    for k, prompt in enumerate(prompts):
+        params = pipeline.GenerationParams(prompt, steps=steps, sampler_name=samplers[k % len(samplers)],
+                                           seed=seed + k, width=width, height=height, cfg_scale=7.0)
+        plan = pipe.plan(params)
+        cond, uncond = pipe.conditioning(plan)
+        pipe.sample(plan, plan.batches[0], cond, uncond)
+    return recorder.feeds
+
+
+def image_stream_matmuls(model, stream_input: str = "sample") -> set[str]:
+    """Names of the weight MatMuls whose activations depend on ``stream_input``: in the UNet, the
+    projections over image tokens, whose cost grows with the image. The others (the text
+    context's K/V projections, the timestep embedding's) cost next to nothing at any size and
+    stay fp32: quantizing them would add error and no speed."""
+    reached = passes.reached_from(model.graph, stream_input)
+    weights = {t.name for t in model.graph.initializer}
+    return {n.name for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[0] in reached and n.input[1] in weights}
+
+
+@contextlib.contextmanager
+def _quiet_root_warnings():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _share_unchanged(model, src: Path) -> int:
+    """Point the initializers of ``model`` that equal ``src``'s byte for byte at ``src``'s data
+    file (relative location, same folder) and drop their copies; the bytes so shared."""
+    from onnx.external_data_helper import uses_external_data
+
+    source = onnx.load(str(src), load_external_data=False)
+    where = {}
+    for t in source.graph.initializer:
+        if uses_external_data(t):
+            info = {e.key: e.value for e in t.external_data}
+            where[t.name] = (t, info)
+    files: dict[str, np.memmap] = {}
+    shared = 0
+    for t in model.graph.initializer:
+        hit = where.get(t.name)
+        if hit is None or not t.HasField("raw_data"):
+            continue
+        original, info = hit
+        if original.data_type != t.data_type or list(original.dims) != list(t.dims):
+            continue
+        location = info["location"]
+        if location not in files:
+            files[location] = np.memmap(src.parent / location, dtype=np.uint8, mode="r")
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        if length != len(t.raw_data) or files[location][offset:offset + length].tobytes() != t.raw_data:
+            continue
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        del t.external_data[:]
+        t.external_data.extend(original.external_data)
+        shared += length
+    return shared
+
+
+def convert_fp16(src: str | Path, dst: str | Path, keep_fp32: tuple[str, ...] = FP16_KEEP_FP32) -> dict:
+    """Write ``dst``: ``src`` in fp16 with fp32 inputs/outputs and ``keep_fp32`` ops in fp32.
+
+    Weights go to ``<dst stem>.onnx_data`` (fp16 values differ from the fp32 ones: nothing is
+    shared). Returns {"fp32_nodes": ops kept in fp32, "casts": n, "nodes": n}."""
+    from onnx.external_data_helper import load_external_data_for_model
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    src, dst = Path(src), Path(dst)
+    # The converter places its casts by the value types shape inference gives; inferred here on the
+    # structure alone (a graph over 2 GB cannot go through onnx's in-memory inference with weights)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False))
+    load_external_data_for_model(model, str(src.parent))
+    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_fp32),
+                                    disable_shape_infer=True)
+    _drop_repeated_nodes(half)
+    _restore_fp32_constants(half, keep_fp32)
+    kept = sum(1 for n in half.graph.node if n.op_type in keep_fp32)
+    casts = sum(1 for n in half.graph.node if n.op_type == "Cast")
+    data_name = dst.name[:-len(".onnx")] + ".onnx_data"
+    tmp = dst.with_name(f".{dst.name}.partial")
+    onnx.save_model(half, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    os.replace(tmp, dst)
+    return {"fp32_nodes": kept, "casts": casts, "nodes": len(half.graph.node)}
+
+
+MEASURE_SAMPLERS = ("Euler a", "DPM++ 2M")
+
+
+def _drop_repeated_nodes(model) -> None:
+    """The converter inserts the same Cast twice when one value feeds two blocked ops through
+    different paths (same name, input and output): keep the first; anything else writing an
+    output twice is a converter bug to surface."""
+    seen: dict[str, bytes] = {}
+    keep = []
+    for node in model.graph.node:
+        key = node.SerializeToString()
+        first = next((seen[o] for o in node.output if o in seen), None)
+        if first is None:
+            seen.update({o: key for o in node.output})
+            keep.append(node)
+        elif first != key:
+            raise ValueError(f"fp16 conversion wrote {node.output[0]} twice, differently")
+    if len(keep) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+
+
+def _restore_fp32_constants(model, keep_fp32: tuple[str, ...]) -> None:
+    """Give back fp32 constants to the inputs that must be fp32 after conversion: every constant
+    input of an op kept in fp32, and Resize's roi and scales (fp32 whatever the data's type).
+
+    The converter leaves a blocked op's initializers in fp16 when another node shares them (torch
+    deduplicates equal tensors, such as the all-ones scales of freshly built LayerNorms), and it
+    turns the Constant nodes torch exports for Resize's scales into fp16. Each such input gets an
+    fp32 copy of the constant."""
+    from onnx import numpy_helper
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    copies: dict[str, str] = {}
+
+    def fp32_copy(name: str) -> str | None:
+        source = producers.get(name)
+        if name in inits:
+            tensor = inits[name]
+        elif source is not None and source.op_type == "Constant" and source.attribute[0].name == "value":
+            tensor = source.attribute[0].t
+        else:
+            return None
+        if tensor.data_type != onnx.TensorProto.FLOAT16:
+            return None
+        if name not in copies:
+            copies[name] = f"{name}_fp32"
+            array = numpy_helper.to_array(tensor).astype(np.float32)
+            model.graph.initializer.append(numpy_helper.from_array(array, copies[name]))
+        return copies[name]
+
+    for node in model.graph.node:
+        slots = (range(1, min(3, len(node.input))) if node.op_type == "Resize"
+                 else range(len(node.input)) if node.op_type in keep_fp32 else ())
+        for k in slots:
+            if node.input[k] and (copy := fp32_copy(node.input[k])) is not None:
+                node.input[k] = copy
+
+
+def measure(bundle_dir: str | Path, precision: str, *, device: str = "cpu", prompt: str | None = None,
+            steps: int = 10, samplers: tuple[str, ...] = MEASURE_SAMPLERS, seed: int = 1,
+            max_size: int = 256) -> dict:
+    """Final-image fidelity of ``precision`` against the fp32 graphs, on one generation per sampler.
+
+    Both pipelines run the bundle's graphs for ``device`` with the same prompt, seed and noise,
+    at the bundle's default size capped at ``max_size`` (the export pays for this run: SD 1.5 at
+    256x256 takes about two minutes on two cores). The fp32 graphs match the PyTorch reference to
+    far beyond 8-bit resolution (``sdrt verify`` shows it per stage), so this is the precision's
+    own loss. An ancestral sampler (Euler a) and a deterministic one (DPM++ 2M) both run: small
+    differences can move an ancestral trajectory more. The precision may be its device's default
+    when the worst image reaches :data:`DEFAULT_MIN_PSNR`."""
+    from sdrt.runtime.metrics import psnr
+
+    prompt = prompt or "a red circle on a blue background"
+    pipes = {p: pipeline.Pipeline(bundle_dir, device=device, precision=p) for p in ("fp32", precision)}
+    width, height = (min(v, max_size) for v in pipes["fp32"].bundle.default_size)
+    runs = []
+    for sampler in samplers:
+        params = pipeline.GenerationParams(prompt, steps=steps, sampler_name=sampler, seed=seed, width=width,
+                                           height=height, cfg_scale=7.0)
+        images, latents = {}, {}
+        for p, pipe in pipes.items():
+            plan = pipe.plan(params)
+            cond, uncond = pipe.conditioning(plan)
+            latents[p] = pipe.sample(plan, plan.batches[0], cond, uncond)
+            images[p] = pipeline.to_uint8(pipe.decode_float(latents[p])[0]).astype(np.float64)
+        a, b = images["fp32"], images[precision]
+        runs.append({"sampler": sampler,
+                     "image_psnr": _finite(psnr(a, b, peak=255.0)),  # null when identical
+                     "image_max_abs": int(np.abs(a - b).max()),
+                     "latents_psnr": _finite(psnr(latents["fp32"], latents[precision]))})
+    worst = min(runs, key=lambda r: np.inf if r["image_psnr"] is None else r["image_psnr"])
+    return {
+        "against": "fp32 graphs (ONNX Runtime)",
+        "request": {"prompt": prompt, "steps": steps, "seed": seed, "cfg_scale": 7.0, "size": f"{width}x{height}"},
+        "runs": runs,
+        "image_psnr": worst["image_psnr"],
+        "image_max_abs": max(r["image_max_abs"] for r in runs),
+        "default": worst["image_psnr"] is None or worst["image_psnr"] >= DEFAULT_MIN_PSNR,
+        # int8 figures measured where int8 products are exact do not hold where they saturate
+        "int8_saturates": int8_saturates() if device == "cpu" else None,
+        # whether ai.sdrt.Attention ran its bf16 form here (elsewhere it runs float32: closer to fp32)
+        "attention_bf16": _attention_bf16() if device == "cpu" else None,
+    }
+
+
+def _attention_bf16() -> bool | None:
+    from sdrt.runtime.backends import kernels
+
+    return kernels.attention_bf16_supported() if kernels.available() else None
+
+
+def _finite(db: float) -> float | None:
+    return round(float(db), 2) if np.isfinite(db) else None

@@ -1,0 +1,283 @@
+"""txt2img: prompt -> conditioning -> sampling -> VAE decode -> images with webui infotext."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sdrt.runtime import __version__, png, sampling
+from sdrt.runtime.backends import Backend, open_component
+from sdrt.runtime.bundle import Bundle, open_bundle
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.pipeline import tiling
+from sdrt.runtime.pipeline.params import GenerationParams
+from sdrt.runtime.pipeline.plan import MAX_SEED, Batch, Plan, make_plan
+from sdrt.runtime.precision import resolve_precision
+from sdrt.runtime.sampling import schedules
+from sdrt.runtime.sampling.denoiser import CFGDenoiser, Denoiser, EpsTimestepModel, LCMDenoiser
+from sdrt.runtime.sampling.noise import BrownianTreeNoise, ImageRNG
+from sdrt.runtime.text.encoder import CondSchedule, MultiCond, TextEncoder, ti_hashes
+
+log = logging.getLogger(__name__)
+
+# normal: every graph loaded for the pipeline's life; med: the UNet stays, the text encoder and the
+# VAE are loaded for their stage and released; low: every graph only for its stage (docs/NVIDIA.md)
+MEMORY_MODES = ("normal", "med", "low")
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    infotext: str
+    # The step sampling stopped at when the generation was interrupted or skipped (the image is then
+    # the last step's prediction, as the webui's); None for a finished image
+    stopped_at: int | None = None
+
+    def save(self, path: str | Path) -> Path:
+        """Write the image as PNG at ``path`` with the webui's ``parameters`` text (atomically)."""
+        return png.write_png(self.image, path, self.infotext)
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """[3, H, W] in [0, 1] -> [H, W, 3] uint8, truncating like the webui's ``astype(np.uint8)``."""
+    return (255.0 * np.moveaxis(x, 0, 2)).astype(np.uint8)
+
+
+# callback(event) with event = {"batch": b, "batches": n, "step": i, "steps": s, "x": latents, ...}
+StepCallback = Callable[[dict], None]
+
+
+class _Stopped(Exception):
+    """Raised from the step callback on interrupt or skip; carries the last prediction."""
+
+    def __init__(self, denoised: np.ndarray, step: int):
+        super().__init__(step)
+        self.denoised, self.step = denoised, step
+
+
+class Pipeline:
+    """A bundle's sessions serving any number of generations: loaded once (``memory="normal"``),
+    or for their stage only (``"med"``: the text encoder and VAE; ``"low"``: every graph).
+
+    ``pipe(prompt, steps=20, sampler_name="Euler a", ...)`` takes the webui API's field names
+    (``GenerationParams``); ``interrupt()`` and ``skip()``, from any thread, stop the running
+    generation as the webui's buttons do."""
+
+    def __init__(self, bundle: Bundle | str | Path, device: str = "cpu",
+                 embeddings_dir: str | Path | list | None = None, memory: str = "normal",
+                 vae_tiling: tiling.TileSpec | None = None, cuda_graph: bool = False,
+                 precision: str = "auto", half_vae: bool = True):
+        if memory not in MEMORY_MODES:
+            raise SdrtError(f"unknown memory mode {memory!r}; valid modes: {', '.join(MEMORY_MODES)}")
+        self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+        self.device = device
+        self.memory = memory
+        self.vae_tiling = vae_tiling  # None: decode whole images
+        self.precision = resolve_precision(self.bundle, device, precision)
+        self.text_encoder = TextEncoder(self.bundle, device, embeddings_dir=embeddings_dir, precision=self.precision)
+        if memory != "normal":
+            self.text_encoder.session.release()
+        unet = open_component(self.bundle, "unet", device, self.precision, lazy=memory == "low",
+                              cuda_graph=cuda_graph)
+        # The VAE at reduced precision only when asked (half_vae=False is the webui's --no-half-vae)
+        self.vae_decoder = open_component(self.bundle, "vae_decoder", device,
+                                          self.precision if half_vae else "fp32", lazy=memory != "normal")
+        # The denoiser owns the UNet's backend; ``unet`` reads it there
+        self.denoiser = Denoiser(unet, schedules.alphas_cumprod(**self.bundle.scheduler),
+                                 self.bundle.prediction_type)
+        self._interrupted = threading.Event()
+        self._skipped = threading.Event()
+
+    @property
+    def unet(self) -> Backend:
+        return self.denoiser.unet
+
+    def wrap_unet(self, wrap: Callable[[Backend], Backend]) -> None:
+        """Put ``wrap(unet)`` in the UNet's place (something that runs it, such as a recorder of its
+        inputs for calibration)."""
+        self.denoiser.unet = wrap(self.denoiser.unet)
+
+    def __call__(self, prompt: str = "", **params) -> list[GeneratedImage]:
+        """Images for ``prompt`` with the webui API's parameters (``GenerationParams`` fields, its
+        ``override_settings``); one-line ``SdrtError`` for a wrong argument."""
+        return self.generate(GenerationParams.from_webui({"prompt": prompt, **params}))
+
+    def interrupt(self) -> None:
+        """Stop the running generation at the next step (the webui's Interrupt): the batch being
+        sampled is decoded from its last prediction, later batches are not started."""
+        self._interrupted.set()
+
+    def skip(self) -> None:
+        """Stop sampling the current batch at the next step and go on with the next (the webui's Skip)."""
+        self._skipped.set()
+
+    def plan(self, p: GenerationParams) -> Plan:
+        """Validate everything before any work, with one-line errors, and resolve the request once."""
+        return make_plan(self.bundle, p, check_clip_skip=self.text_encoder.check_clip_skip)
+
+    def _as_plan(self, p: Plan | GenerationParams) -> Plan:
+        return p if isinstance(p, Plan) else self.plan(p)
+
+    def conditioning(self, plan: Plan | GenerationParams) -> tuple[MultiCond, CondSchedule]:
+        """(cond, uncond) over the denoiser's calls: ``AND`` parts and prompt-editing schedules."""
+        plan = self._as_plan(plan)
+        p = plan.params
+        return self.text_encoder.conditioning(p.prompt, p.negative_prompt, plan.condition_steps, p.clip_skip,
+                                              p.pad_conds)
+
+    def sample(self, plan: Plan | GenerationParams, batch: Batch | Sequence[int], cond: MultiCond | np.ndarray,
+               uncond: CondSchedule | np.ndarray, callback: StepCallback | None = None) -> np.ndarray:
+        """Latents for one batch: the webui's noise, the sampler over its schedule, CFG.
+
+        ``batch``: one of the plan's batches, or the seeds of one (variation seeds from the plan's
+        subseed on). On interrupt or skip, the last step's prediction of the clean latents (as the
+        webui's)."""
+        plan = self._as_plan(plan)
+        if not isinstance(batch, Batch):
+            seeds = tuple(int(s) for s in batch)
+            batch = Batch(0, seeds, tuple((plan.subseed + i) % (MAX_SEED + 1) for i in range(len(seeds))))
+        try:
+            return self._sample(plan, batch, cond, uncond, callback)
+        except _Stopped as stop:
+            return stop.denoised
+
+    def _sample(self, plan: Plan, batch: Batch, cond, uncond, callback) -> np.ndarray:
+        p, info = plan.params, plan.sampler
+        seeds = list(batch.seeds)
+        rng = ImageRNG(plan.latent_shape, seeds, source=plan.rng, ensd=p.ensd, subseeds=list(batch.subseeds),
+                       subseed_strength=p.subseed_strength, seed_resize_from_h=p.seed_resize_from_h,
+                       seed_resize_from_w=p.seed_resize_from_w)
+        options = dict(plan.options)
+
+        def on_step(state):
+            for name in ("denoised", "x"):
+                if not np.all(np.isfinite(state[name])):
+                    raise SdrtError(f"{info.name}: non-finite values (NaN/Inf) in the "
+                                    f"{'prediction' if name == 'denoised' else 'latents'} at step {state['i'] + 1}")
+            if callback is not None:
+                callback({"step": state["i"] + 1, "steps": p.steps, **state})
+            if (self._interrupted.is_set() or self._skipped.is_set()) and state["i"] + 1 < p.steps:
+                raise _Stopped(state["denoised"], state["i"] + 1)
+
+        def next_noise(sigma, sigma_next):
+            return rng.next()
+
+        def guided(inner):
+            # it repeats the conds per image; DDIM CFG++ guides at cfg_scale / 12.5 (the infotext keeps cfg_scale)
+            return CFGDenoiser(inner, cond, uncond, p.cfg_scale * info.cfg_scale_multiplier)
+
+        if info.family == "timesteps":
+            # DDIM / PLMS / UniPC: CFG on eps over DDPM timesteps, from unit-variance noise
+            model = guided(EpsTimestepModel(self.denoiser))
+            timesteps = sampling.timesteps_for(info, p.steps, len(self.denoiser.alphas_cumprod))
+            return info.fn(model, rng.next(), timesteps, alphas_cumprod=self.denoiser.alphas_cumprod,
+                           noise=next_noise, callback=on_step, **options)
+        inner = LCMDenoiser(self.denoiser) if info.family == "lcm" else self.denoiser
+        model = guided(inner)
+        sigmas = sampling.sigmas_for(plan.schedule, p.steps, inner.schedule, sampler=info,
+                                     arch=self.bundle.architecture)
+        if info.fixed_schedule:
+            # DPM fast / adaptive span the model's own sigma range (the webui passes it)
+            options.update(sigma_min=inner.schedule.sigma_min, sigma_max=inner.schedule.sigma_max)
+        x = rng.next() * np.float32(sigmas[0])
+        noise = next_noise
+        if info.brownian:
+            # The webui's create_noise_sampler: one Brownian tree per image seed over the schedule's range
+            noise = BrownianTreeNoise(plan.latent_shape, seeds, float(sigmas[sigmas > 0].min()), float(sigmas.max()),
+                                      source=plan.rng)
+        return info.fn(model, x, sigmas, noise=noise, callback=on_step, **options)
+
+    def generate(self, p: GenerationParams | Plan, callback: StepCallback | None = None) -> list[GeneratedImage]:
+        """Images for ``n_iter`` batches of ``batch_size``, seeds N, N+1, ... as in the webui.
+
+        Interrupted, it returns the images of the batches sampled so far (the one stopped included)."""
+        plan = self._as_plan(p)
+        p = plan.params
+        self._interrupted.clear()
+        cond, uncond = self.conditioning(plan)
+        self._done_with(self.text_encoder.session, "med", "low")
+        fields = {**plan.infotext_fields(self.bundle.model_hash, self.bundle.name),
+                  "TI hashes": ti_hashes(cond, uncond), "Pad conds": True if cond.padded or uncond.padded else None,
+                  "Version": f"sdrt {__version__}"}
+        sampled = []  # every batch sampled before any is decoded: one UNet load, then one VAE load
+        for batch in plan.batches:
+            if self._interrupted.is_set():
+                break
+            self._skipped.clear()
+            steps_done = []
+
+            def on_event(e, b=batch.index):
+                steps_done.append(e["step"])
+                if callback is not None:
+                    callback({"batch": b, "batches": p.n_iter, **e})
+
+            latents = self.sample(plan, batch, cond, uncond, on_event)
+            stopped = steps_done[-1] if steps_done and steps_done[-1] < p.steps else None
+            sampled.append((batch, latents, stopped))
+        self._done_with(self.unet, "low")
+        results = []
+        for batch, latents, stopped in sampled:
+            for seed, subseed, image in zip(batch.seeds, batch.subseeds, self.decode(latents)):
+                text = png.infotext(p.prompt, p.negative_prompt, plan.image_fields(fields, seed, subseed))
+                results.append(GeneratedImage(image, seed, text, stopped))
+        self._done_with(self.vae_decoder, "med", "low")
+        return results
+
+    def _done_with(self, session: Backend, *modes: str) -> None:
+        """Release a session after its stage in the given memory modes."""
+        if self.memory in modes:
+            session.release()
+
+    def loaded(self) -> list[str]:
+        """The components whose graphs are loaded now."""
+        sessions = {"text_encoder": self.text_encoder.session, "unet": self.unet, "vae_decoder": self.vae_decoder}
+        return [name for name, s in sessions.items() if s.loaded]
+
+    def decode_float(self, latents: np.ndarray) -> np.ndarray:
+        """Latents -> [n, 3, H, W] pixels in [0, 1], one VAE run per image (as the webui decodes), or one
+        per tile with ``vae_tiling``."""
+        def decode_one(z):
+            return self.vae_decoder.run({"latent_sample": z[None]}, ["sample"])["sample"][0]
+
+        def decode(z):
+            if self.vae_tiling is not None:
+                return tiling.decode_tiled(decode_one, z, self.vae_tiling, self.bundle.vae_scale_factor)
+            return decode_one(z)
+
+        out = []
+        for z in latents:
+            if not np.all(np.isfinite(z)):
+                raise SdrtError("the latents given to the VAE decoder hold NaN/Inf")
+            z = z / np.float32(self.bundle.latent_scale_factor)
+            x = decode(z)
+            if not np.all(np.isfinite(x)) and self._vae_to_fp32():
+                x = decode(z)
+            if not np.all(np.isfinite(x)):
+                raise SdrtError(f"the VAE decoder produced NaN/Inf ({Path(self.vae_decoder.path).name})")
+            out.append(np.clip((x + 1.0) / 2.0, 0.0, 1.0))
+        return np.stack(out)
+
+    def _vae_to_fp32(self) -> bool:
+        """After NaN/Inf from a reduced-precision VAE: switch to its fp32 graph for this image and
+        the rest of the pipeline's life, as the webui does ("converting VAE into 32-bit float and
+        retrying"). False when the VAE already runs in fp32."""
+        fp32 = self.bundle.graph("vae_decoder", self.device, "fp32")
+        if Path(self.vae_decoder.path) == fp32:
+            return False
+        log.warning("the VAE decoder produced NaN/Inf at %s precision (%s); retrying with the fp32 graph",
+                    self.precision, Path(self.vae_decoder.path).name)
+        lazy = self.memory != "normal"
+        self.vae_decoder.release()
+        self.vae_decoder = open_component(self.bundle, "vae_decoder", self.device, "fp32", lazy=lazy)
+        return True
+
+    def decode(self, latents: np.ndarray) -> list[Image.Image]:
+        """Latents -> 8-bit RGB images: 255 * x truncated, as the webui does (diffusers rounds)."""
+        return [Image.fromarray(to_uint8(x)) for x in self.decode_float(latents)]
