@@ -432,6 +432,62 @@ class PhiloxNVGenerator:
         return f"PhiloxNVGenerator(seed={self.seed}, offset={self.offset})"
 
 
+# torch CUDA randn (the webui's "GPU" source): the launch layout of torch's normal_ kernel
+_CUDA_BLOCK = 256  # torch's block_size_bound for the random kernels
+_CURAND_INV32 = _F32(2.3283064e-10)  # CURAND_2POW32_INV
+_CURAND_INV32_2PI = _F32(2.3283064e-10 * 6.2831855)  # CURAND_2POW32_INV_2PI (float product)
+
+
+class TorchCUDAGenerator:
+    """torch's CUDA generator and float32 ``randn``, layout exact, arithmetic approximate.
+
+    torch fills a tensor of n values with a grid of min(ceil(n / 256), SMs * (threads per SM //
+    256)) blocks of 256 threads; thread t starts curand's Philox4x32-10 at subsequence t and the
+    generator's offset, so its j-th draw uses counter (offset / 4 + j, 0, t, 0) and key (seed lo,
+    seed hi). Each draw (four words) is two Box-Muller pairs, written to the elements
+    t + stride * (4j + k), k = 0..3 (stride = threads in the grid): sin then cos of each pair. A
+    call advances the offset by 4 per draw of a thread, so large tensors depend on the SM count.
+
+    Not bit-exact: curand evaluates ``__sincosf`` (the GPU's approximate special-function unit)
+    and libdevice ``logf``; we use correctly rounded float32 sin/cos/log, so values can differ by
+    a few ulps. ``benchmarks/gpu`` measures it against torch on a GPU; until that shows it
+    bit-exact, ``create_generator`` does not offer the ``gpu`` source.
+    """
+
+    def __init__(self, seed: int, *, sm_count: int = 132, threads_per_sm: int = 2048) -> None:
+        seed = _seed_int(seed)
+        self.seed = seed & _SEED_MAX  # torch's CUDA manual_seed takes it as uint64
+        self.max_blocks = int(sm_count) * (int(threads_per_sm) // _CUDA_BLOCK)
+        self.offset = 0  # philox_offset_per_thread
+
+    def randn(self, shape) -> np.ndarray:
+        """``torch.randn(shape, device="cuda", generator=g)`` (float32)."""
+        dims = _shape_tuple(shape)
+        n = math.prod(dims)
+        if n == 0:
+            return np.empty(dims, _F32)
+        stride = _CUDA_BLOCK * min(-(-n // _CUDA_BLOCK), self.max_blocks)
+        draws = (n - 1) // (stride * 4) + 1  # per thread
+        base, self.offset = self.offset, self.offset + draws * 4
+        e = np.arange(n, dtype=_U64)
+        thread, j, k = e % _U64(stride), e // _U64(4 * stride), (e // _U64(stride)) % _U64(4)
+        ctr = _U64(base // 4) + j  # 64-bit counter in words 0-1; the thread in words 2-3
+        words = philox4x32_10((ctr & _U64(_MASK32), ctr >> _U64(32), thread & _U64(_MASK32), thread >> _U64(32)),
+                              (self.seed & _MASK32, self.seed >> 32))
+        pair = (k >= _U64(2))
+        x = np.where(pair, words[2], words[0])
+        y = np.where(pair, words[3], words[1])
+        # _curand_box_muller: u in (0, 1], v in (0, 2pi]; nvcc contracts the mul+add to an FMA
+        u = _fma32(x.astype(_F32), _CURAND_INV32, _CURAND_INV32 / _F32(2))
+        v = _fma32(y.astype(_F32), _CURAND_INV32_2PI, _CURAND_INV32_2PI / _F32(2))
+        s = np.sqrt(_F32(-2.0) * np.log(u.astype(_F64)).astype(_F32))
+        trig = np.where(k % _U64(2) == _U64(0), np.sin(v.astype(_F64)), np.cos(v.astype(_F64))).astype(_F32)
+        return (trig * s + _F32(0.0)).reshape(dims)  # * std + mean turns -0.0 into +0.0
+
+    def __repr__(self) -> str:
+        return f"TorchCUDAGenerator(seed={self.seed}, offset={self.offset})"
+
+
 # --------------------------------------------------------------------------------------------
 # webui per-image RNG
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The prepared proof of sdrt's NVIDIA path on a lent GPU (README.md beside this file)."""
