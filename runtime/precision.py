@@ -50,6 +50,9 @@ def int8_saturates() -> bool:
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False
+    flags = _cpuinfo_flags()
+    if flags is not None:  # Linux: the kernel's names (numpy 2's table has no AVX-VNNI entry)
+        return not ({"avx512_vnni", "avx_vnni"} & flags)
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as features
     except ImportError:
@@ -58,3 +61,15 @@ def int8_saturates() -> bool:
         except ImportError:  # the table is numpy's own: without it, assume the worse case
             return True
     return not (features.get("AVX512VNNI") or features.get("AVXVNNI"))
+
+
+def _cpuinfo_flags() -> set[str] | None:
+    """The first processor's feature flags from /proc/cpuinfo; None where there is no such file."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None

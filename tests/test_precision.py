@@ -306,3 +306,20 @@ def test_int8_saturates_reads_the_cpu():
         pytest.skip("reads /proc/cpuinfo on x86-64 Linux")
     flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
     assert int8_saturates() == ("avx512_vnni" not in flags and "avx_vnni" not in flags)
+
+
+def test_int8_saturates_falls_back_to_numpys_table(monkeypatch):
+    """Without /proc/cpuinfo, numpy's CPU table decides; it agrees where it lists the feature
+    (AVX-512 VNNI; numpy 2 has no AVX-VNNI entry, which is why the kernel's flags come first)."""
+    import platform
+
+    from sdrt.runtime import precision
+
+    if platform.machine() != "x86_64" or precision._cpuinfo_flags() is None:
+        pytest.skip("compares with /proc/cpuinfo on x86-64 Linux")
+    flags = precision._cpuinfo_flags()
+    if "avx_vnni" in flags and "avx512_vnni" not in flags:
+        pytest.skip("numpy's table cannot see AVX-VNNI")
+    expected = precision.int8_saturates()
+    monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: None)
+    assert precision.int8_saturates() == expected
