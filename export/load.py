@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sdrt.export.configs import sd1_configs
+from sdrt.export.configs import check_configs, sd1_configs
 from sdrt.runtime.errors import CheckpointError
 
 __all__ = [
@@ -382,6 +382,7 @@ def load_diffusers_folder(path: str | Path) -> tuple[dict, dict]:
     arch = _folder_architecture(folder, configs)
     if arch != "sd1":
         raise CheckpointError(f"{ARCHITECTURE_NAMES[arch]} models are not supported yet (only SD 1.x): {folder}")
+    check_configs(configs, str(folder))
     components = {name: _load_weights(folder, relative) for name, relative in weight_files.items()}
     text = components["text_encoder"]
     if text and not any(k.startswith("text_model.") for k in text):

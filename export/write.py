@@ -21,7 +21,7 @@ import torch
 from sdrt.export import convert, load
 from sdrt.export import graphs as onnx_export
 from sdrt.export import quantize as precision_mod
-from sdrt.export.configs import sd1_configs
+from sdrt.export.configs import check_configs, sd1_configs
 from sdrt.runtime import bundle as manifests
 from sdrt.runtime import spec as specs
 from sdrt.runtime.bundle import COMPONENTS, MANIFEST, file_sha256
@@ -58,7 +58,8 @@ CONFIGS_METADATA = "sdrt.configs"
 def embedded_configs(path: Path) -> dict | None:
     """Configs carried inside a checkpoint (``sdrt.configs``: the safetensors header, or a string
     entry of a .ckpt's top-level dict), as sdrt's scaled-down models have them: widths can be
-    read off the weights, head counts cannot. None for checkpoints without them."""
+    read off the weights, head counts cannot. None for checkpoints without them; a one-line
+    error naming the field for configs sdrt cannot build (``check_configs``)."""
     text = None
     try:
         if path.suffix.lower() == ".safetensors":
@@ -77,9 +78,7 @@ def embedded_configs(path: Path) -> dict | None:
         configs = json.loads(text)
     except (TypeError, ValueError):
         raise SdrtError(f"{path.name}: the {CONFIGS_METADATA} entry is not valid JSON") from None
-    if not isinstance(configs, dict) or not {"unet", "vae", "text_encoder", "scheduler"} <= set(configs):
-        raise SdrtError(f"{path.name}: the {CONFIGS_METADATA} entry lacks unet/vae/text_encoder/scheduler")
-    return configs
+    return check_configs(configs, f"{path.name}: {CONFIGS_METADATA}")
 
 
 def save_checkpoint(state_dict: dict, configs: dict, path: str | Path) -> Path:

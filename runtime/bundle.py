@@ -281,8 +281,8 @@ class _Fields:
 
     def path(self, d, key, prefix="", default=...) -> str:
         value = self.get(d, key, prefix, str, "a path", default)
-        if value == "":
-            raise self.fail(f"{prefix}{key}", "must be a path, got ''")
+        if value == "" or (value is not None and "\0" in value):  # no file is named by a NUL
+            raise self.fail(f"{prefix}{key}", f"must be a path, got {value!r}")
         return value
 
     def integer(self, d, key, prefix="", minimum=1, default=...) -> int:

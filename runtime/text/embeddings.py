@@ -199,18 +199,24 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        try:
-            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = [int(d) for d in entry["shape"]]
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise SdrtError(f"{path}: unsupported or malformed tensor {key!r}") from None
-        count = int(np.prod(shape, dtype=np.int64))
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(data) or end - begin != count * _itemsize(dtype):
+        entry = entry if isinstance(entry, dict) else {}
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if (not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES or not _naturals(shape)
+                or not _naturals(offsets) or len(offsets) != 2):
+            raise SdrtError(f"{path}: unsupported or malformed tensor {key!r}")
+        dtype, (begin, end) = _SAFETENSORS_DTYPES[dtype], offsets
+        # Python's integers: a shape whose product overflows int64 is simply too large
+        if not begin <= end <= len(data) or end - begin != math.prod(shape) * _itemsize(dtype):
             raise SdrtError(f"{path}: tensor {key!r} has the wrong size")
         raw = np.frombuffer(data[begin:end], dtype=_raw_dtype(dtype)).reshape(shape)
         out[key] = np.array(_widen(raw, dtype))
     return out
+
+
+def _naturals(values) -> bool:
+    """Whether ``values`` is a JSON list of non-negative integers (a shape, data offsets)."""
+    return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                            for v in values)
 
 
 # -- embeddings --
