@@ -47,6 +47,7 @@ def test_the_same_request_by_either_name_draws_the_same_image(tiny_pipeline):
     ({"override_settings": {"sd_model_checkpoint": "x"}}, "override_settings: not supported by sdrt: sd_model"),
     ({"steps": "20"}, "steps must be a whole number"),
     ({"cfg_scale": float("nan")}, "cfg_scale must be a finite number"),
+    ({"cfg_scale": 10**400}, "cfg_scale must be a finite number"),
     ({"width": 65}, "width must be a positive multiple of 8"),
     ({"sampler_name": "Euler z"}, "unknown sampler 'Euler z'"),
     ({"rng": "gpu"}, "noise source 'gpu'"),
@@ -145,3 +146,15 @@ def test_make_plan_needs_no_sessions(tiny_bundle):
 def test_runtime_pipeline_is_the_same_class(tiny_bundle):
     assert issubclass(sdrt.Pipeline, Pipeline)
     assert sdrt.GenerationParams is GenerationParams
+
+
+def test_a_field_wins_over_its_alias():
+    p = GenerationParams.from_webui({"prompt": "x", "sampler_name": "DDIM", "sampler_index": "Euler a"})
+    assert p.sampler_name == "DDIM"
+    assert GenerationParams.from_webui({"prompt": "x", "sampler_index": "Euler"}).sampler_name == "Euler"
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "DPM++ 2M", "DPM adaptive"])
+def test_finished_images_are_not_marked_stopped(tiny_pipeline, sampler):
+    (image,) = tiny_pipeline("x", steps=3, sampler_name=sampler, seed=2)
+    assert image.stopped_at is None

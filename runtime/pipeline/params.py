@@ -11,7 +11,8 @@ error naming it, and a webui field sdrt does not implement is accepted only at i
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from sdrt.runtime.errors import SdrtError
 
@@ -47,10 +48,13 @@ class GenerationParams:
     # Pad the shorter of prompt and negative prompt with empty chunks so both go through the UNet
     # in one batch (the webui's "Pad prompt/negative prompt to be same length", off there by default)
     pad_conds: bool = True
+    # webui payload fields this request type adds to the neutral ones (the img2img-only fields)
+    _neutral_extra: ClassVar[dict] = {}
 
-    def replace(self, **changes) -> GenerationParams:
+    def replace(self, **changes):
         """A copy with ``changes``, which may use any name ``from_webui`` accepts."""
-        return GenerationParams.from_webui({**dataclasses.asdict(self), **changes})
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return type(self).from_webui({**current, **changes})
 
     @classmethod
     def from_webui(cls, payload: dict) -> GenerationParams:
@@ -61,16 +65,21 @@ class GenerationParams:
         if not isinstance(payload, dict):
             raise SdrtError(f"generation parameters must be a mapping of field names, got {type(payload).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
+        neutral = {**_NEUTRAL, **cls._neutral_extra}
         values: dict = {}
         for key, value in payload.items():
             if key == "override_settings":
-                values.update(_settings(value))
+                # img2img's settings (img2img_fix_steps, ...) change nothing in a txt2img request
+                values.update({k: v for k, v in _settings(value).items() if k in fields})
             elif key in fields:
                 values[key] = value
             elif key in _ALIASES:
-                values[_ALIASES[key]] = value
-            elif key in _NEUTRAL:
-                if _NEUTRAL[key] is not None and value not in _NEUTRAL[key]:
+                # a field's own name wins over its alias, wherever each stands (webui clients send
+                # sampler_index after sampler_name; the webui takes sampler_name)
+                if _ALIASES[key] not in payload:
+                    values[_ALIASES[key]] = value
+            elif key in neutral:
+                if neutral[key] is not None and value not in neutral[key]:
                     raise SdrtError(f"{key}={value!r} is not supported by sdrt yet")
             else:
                 raise SdrtError(f"unknown generation parameter {key!r}")
@@ -103,7 +112,8 @@ _NEUTRAL: dict[str, tuple | None] = {
 # webui settings that change a generation, read from override_settings; others are refused by name
 _SETTINGS = {"CLIP_stop_at_last_layers": "clip_skip", "eta_noise_seed_delta": "ensd", "randn_source": "rng",
              "pad_cond_uncond": "pad_conds", "s_churn": "s_churn", "s_tmin": "s_tmin",
-             "s_tmax": "s_tmax", "s_noise": "s_noise"}
+             "s_tmax": "s_tmax", "s_noise": "s_noise",
+             "img2img_fix_steps": "img2img_fix_steps", "initial_noise_multiplier": "initial_noise_multiplier"}
 
 
 def _settings(settings) -> dict:
@@ -116,3 +126,26 @@ def _settings(settings) -> dict:
         raise SdrtError(f"override_settings: not supported by sdrt: {', '.join(unknown)}")
     return {_SETTINGS[k]: v for k, v in settings.items()}
 
+
+
+@dataclass
+class Img2imgParams(GenerationParams):
+    """An img2img request: ``/sdapi/v1/img2img``'s payload names on top of txt2img's.
+
+    ``init_images``: PIL images (one, used for every image of a batch, or up to ``batch_size``);
+    ``resize_mode``: 0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent
+    upscale); ``img2img_fix_steps``: the webui's "do exactly the amount of steps the slider
+    specifies" setting. ``denoising_strength`` is a neutral field of txt2img (used there only by
+    hires fix, as in the webui) and a real one here."""
+    init_images: list = field(default_factory=list)
+    resize_mode: int = 0
+    denoising_strength: float = 0.75
+    initial_noise_multiplier: float = 1.0
+    img2img_fix_steps: bool = False
+    # img2img payload fields that configure inpainting, which is off while no mask is given
+    _neutral_extra: ClassVar[dict] = {
+        "mask": (None, ""), "latent_mask": (None, ""), "mask_blur": None, "mask_blur_x": None, "mask_blur_y": None,
+        "inpainting_fill": None, "inpaint_full_res": None, "inpaint_full_res_padding": None,
+        "inpainting_mask_invert": None, "mask_round": None, "include_init_images": None,
+        "image_cfg_scale": None,
+    }

@@ -17,7 +17,7 @@ from sdrt.runtime.bundle import Bundle, open_bundle
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import tiling
 from sdrt.runtime.pipeline.params import GenerationParams
-from sdrt.runtime.pipeline.plan import MAX_SEED, Batch, Plan, make_plan
+from sdrt.runtime.pipeline.plan import Batch, Plan, make_plan, noise_seeds
 from sdrt.runtime.precision import resolve_precision
 from sdrt.runtime.sampling import schedules
 from sdrt.runtime.sampling.denoiser import CFGDenoiser, Denoiser, EpsTimestepModel, LCMDenoiser
@@ -120,7 +120,9 @@ class Pipeline:
 
     def plan(self, p: GenerationParams) -> Plan:
         """Validate everything before any work, with one-line errors, and resolve the request once."""
-        return make_plan(self.bundle, p, check_clip_skip=self.text_encoder.check_clip_skip)
+        tile = self.vae_tiling.size if self.vae_tiling is not None else None
+        return make_plan(self.bundle, p, check_clip_skip=self.text_encoder.check_clip_skip, device=self.device,
+                         vae_tile=tile)
 
     def _as_plan(self, p: Plan | GenerationParams) -> Plan:
         return p if isinstance(p, Plan) else self.plan(p)
@@ -142,19 +144,19 @@ class Pipeline:
         plan = self._as_plan(plan)
         if not isinstance(batch, Batch):
             seeds = tuple(int(s) for s in batch)
-            batch = Batch(0, seeds, tuple((plan.subseed + i) % (MAX_SEED + 1) for i in range(len(seeds))))
-        try:
-            return self._sample(plan, batch, cond, uncond, callback)
-        except _Stopped as stop:
-            return stop.denoised
+            batch = Batch(0, seeds, tuple(plan.subseed + i for i in range(len(seeds))))
+        return self._sample_batch(plan, batch, cond, uncond, callback)[0]
 
-    def _sample(self, plan: Plan, batch: Batch, cond, uncond, callback) -> np.ndarray:
-        p, info = plan.params, plan.sampler
-        seeds = list(batch.seeds)
-        rng = ImageRNG(plan.latent_shape, seeds, source=plan.rng, ensd=p.ensd, subseeds=list(batch.subseeds),
-                       subseed_strength=p.subseed_strength, seed_resize_from_h=p.seed_resize_from_h,
-                       seed_resize_from_w=p.seed_resize_from_w)
-        options = dict(plan.options)
+    def _sample_batch(self, plan: Plan, batch: Batch, cond, uncond, callback) -> tuple[np.ndarray, int | None]:
+        """(latents, the step sampling stopped at on interrupt or skip, else None)."""
+        try:
+            return self._sample(plan, batch, cond, uncond, callback), None
+        except _Stopped as stop:
+            return stop.denoised, stop.step
+
+    def _on_step(self, plan: Plan, callback: StepCallback | None) -> Callable[[dict], None]:
+        """The samplers' per-step callback: NaN/Inf checks, progress events, Interrupt and Skip."""
+        info = plan.sampler
 
         def on_step(state):
             for name in ("denoised", "x"):
@@ -162,16 +164,39 @@ class Pipeline:
                     raise SdrtError(f"{info.name}: non-finite values (NaN/Inf) in the "
                                     f"{'prediction' if name == 'denoised' else 'latents'} at step {state['i'] + 1}")
             if callback is not None:
-                callback({"step": state["i"] + 1, "steps": p.steps, **state})
-            if (self._interrupted.is_set() or self._skipped.is_set()) and state["i"] + 1 < p.steps:
+                callback({"step": state["i"] + 1, "steps": plan.steps, **state})
+            if self._interrupted.is_set() or self._skipped.is_set():
                 raise _Stopped(state["denoised"], state["i"] + 1)
+
+        return on_step
+
+    @staticmethod
+    def _guided(plan: Plan, cond, uncond) -> Callable:
+        """Wraps a denoiser in CFG (it repeats the conds per image); DDIM CFG++ guides at cfg_scale
+        / 12.5, the infotext keeping cfg_scale."""
+        return lambda inner: CFGDenoiser(inner, cond, uncond, plan.params.cfg_scale * plan.sampler.cfg_scale_multiplier)
+
+    @staticmethod
+    def image_rng(plan: Plan, batch: Batch) -> ImageRNG:
+        """The webui's noise for one batch (its ``p.rng``): each image's seed, variation seeds, ENSD."""
+        p = plan.params
+        return ImageRNG(plan.latent_shape, noise_seeds(batch.seeds, plan.rng), source=plan.rng, ensd=p.ensd,
+                        subseeds=noise_seeds(batch.subseeds, plan.rng),
+                        subseed_strength=p.subseed_strength, seed_resize_from_h=p.seed_resize_from_h,
+                        seed_resize_from_w=p.seed_resize_from_w)
+
+    def _sample(self, plan: Plan, batch: Batch, cond, uncond, callback) -> np.ndarray:
+        p, info = plan.params, plan.sampler
+        seeds = noise_seeds(batch.seeds, plan.rng)
+        rng = self.image_rng(plan, batch)
+        options = dict(plan.options)
+
+        on_step = self._on_step(plan, callback)
 
         def next_noise(sigma, sigma_next):
             return rng.next()
 
-        def guided(inner):
-            # it repeats the conds per image; DDIM CFG++ guides at cfg_scale / 12.5 (the infotext keeps cfg_scale)
-            return CFGDenoiser(inner, cond, uncond, p.cfg_scale * info.cfg_scale_multiplier)
+        guided = self._guided(plan, cond, uncond)
 
         if info.family == "timesteps":
             # DDIM / PLMS / UniPC: CFG on eps over DDPM timesteps, from unit-variance noise
@@ -211,16 +236,8 @@ class Pipeline:
             if self._interrupted.is_set():
                 break
             self._skipped.clear()
-            steps_done = []
-
-            def on_event(e, b=batch.index):
-                steps_done.append(e["step"])
-                if callback is not None:
-                    callback({"batch": b, "batches": p.n_iter, **e})
-
-            latents = self.sample(plan, batch, cond, uncond, on_event)
-            stopped = steps_done[-1] if steps_done and steps_done[-1] < p.steps else None
-            sampled.append((batch, latents, stopped))
+            on_event = callback and (lambda e, b=batch.index: callback({"batch": b, "batches": p.n_iter, **e}))
+            sampled.append((batch, *self._sample_batch(plan, batch, cond, uncond, on_event)))
         self._done_with(self.unet, "low")
         results = []
         for batch, latents, stopped in sampled:

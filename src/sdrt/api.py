@@ -7,11 +7,12 @@ from pathlib import Path
 
 from sdrt.models import resolve_model
 from sdrt.runtime.bundle import Bundle
-from sdrt.runtime.pipeline import Pipeline as _RuntimePipeline
+from sdrt.runtime.pipeline import Img2imgPipeline
 
 
-class Pipeline(_RuntimePipeline):
-    """``sdrt.runtime.pipeline.Pipeline`` that also takes a checkpoint (``.safetensors``, ``.ckpt``)
+class Pipeline(Img2imgPipeline):
+    """The runtime's pipeline (txt2img as ``pipe(prompt, ...)``, img2img as ``pipe.img2img(prompt,
+    init_images=[...], denoising_strength=...)``) that also takes a checkpoint (``.safetensors``, ``.ckpt``)
     or a diffusers folder, exported into the cache on first use (this needs the export extra), and
     ``None`` for the embedded default model. ``progress(stage, done, total)`` reports that export."""
 

@@ -115,21 +115,68 @@ def main(verbose: bool):
 def generate(prompt, model, embeddings_dir, device, precision, no_half_vae, output, memory, medvram, lowvram,
              vae_tiling, vae_tile_size, cuda_graph, **params):
     """Generate images from PROMPT (txt2img)."""
-    from sdrt.models import resolve_model
-    from sdrt.runtime.bundle import open_bundle
     from sdrt.runtime.pipeline import GenerationParams, Pipeline
 
     request = GenerationParams.from_webui({"prompt": prompt, **params})
+    _render(Pipeline, request, model, output, memory, medvram, lowvram, vae_tiling, vae_tile_size, device=device,
+            embeddings_dir=embeddings_dir, cuda_graph=cuda_graph, precision=precision, half_vae=not no_half_vae)
+
+
+def _render(kind, request, model, output, memory, medvram, lowvram, vae_tiling, vae_tile_size, **options):
+    """Open the model once, check the request before any work, generate with a progress bar, save."""
+    from sdrt.models import resolve_model
+    from sdrt.runtime.bundle import open_bundle
+
     bundle = open_bundle(resolve_model(model, progress=_StageBar("export")))
     memory, tiles = _memory_options(memory, medvram, lowvram, vae_tiling, vae_tile_size, bundle)
-    pipe = Pipeline(bundle, device=device, embeddings_dir=embeddings_dir, memory=memory, vae_tiling=tiles,
-                    cuda_graph=cuda_graph, precision=precision, half_vae=not no_half_vae)
+    pipe = kind(bundle, memory=memory, vae_tiling=tiles, **options)
     plan = pipe.plan(request)  # every check before any work
-    with tqdm(total=plan.steps * len(plan.batches), desc="sampling", unit="step", file=sys.stderr) as bar:
-        images = pipe.generate(plan, callback=lambda e: bar.update(1))
+    bar = None  # shown from the first step: an error in the conditioning stays one line
+
+    def on_step(event):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=plan.steps * len(plan.batches), desc="sampling", unit="step", file=sys.stderr)
+        bar.update(1)
+
+    try:
+        images = pipe.generate(plan, callback=on_step)
+    finally:
+        if bar is not None:
+            bar.close()
     for result in images:
         path = png.save_png(result.image, output, result.seed, result.infotext)
         click.echo(str(path))
+
+
+_RESIZE_MODES = {"0": 0, "1": 1, "2": 2, "3": 3, "just-resize": 0, "crop-and-resize": 1, "resize-and-fill": 2,
+                 "latent-upscale": 3}
+
+
+# img2img takes every option of generate (the same click parameters), plus its own
+@main.command("img2img", params=list(generate.params))
+@click.option("--init-image", "init_images", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="Init image (repeat for several: at most --batch-size; one serves the whole batch).")
+@click.option("--denoising-strength", default=0.75, show_default=True, type=float,
+              help="How much of the init image is repainted: 0 keeps it, 1 ignores it.")
+@click.option("--resize-mode", default="0", show_default=True, type=click.Choice(list(_RESIZE_MODES)),
+              help="Init image to the output size: 0 just resize, 1 crop and resize, 2 resize and fill, "
+                   "3 just resize (latent upscale).")
+@click.option("--fix-steps", "img2img_fix_steps", is_flag=True,
+              help="Run exactly --steps steps at any strength (the webui's img2img_fix_steps setting).")
+@_friendly
+def img2img(prompt, model, embeddings_dir, device, precision, no_half_vae, output, memory, medvram, lowvram,
+            vae_tiling, vae_tile_size, cuda_graph, init_images, resize_mode, **params):
+    """Generate images from init images and PROMPT (img2img), as the webui's img2img tab."""
+    from sdrt.runtime.pipeline import Img2imgParams, Img2imgPipeline
+    from sdrt.runtime.pipeline.img2img import load_image
+
+    images = [load_image(path) for path in init_images]
+    request = Img2imgParams.from_webui({"prompt": prompt, "init_images": images,
+                                        "resize_mode": _RESIZE_MODES[resize_mode], **params})
+    _render(Img2imgPipeline, request, model, output, memory, medvram, lowvram, vae_tiling, vae_tile_size,
+            device=device, embeddings_dir=embeddings_dir, cuda_graph=cuda_graph, precision=precision,
+            half_vae=not no_half_vae)
 
 
 @main.command("export")
@@ -393,6 +440,10 @@ def _export_api():
                         "first, then pip install 'sdrt[export]'") from None
     return export_bundle
 
+
+from sdrt.serve import serve  # FastAPI loads only when `sdrt serve` runs
+
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

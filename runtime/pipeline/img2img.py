@@ -1,0 +1,307 @@
+"""img2img: init image(s) -> VAE encoder -> noised to the strength's sigma -> the rest of the schedule -> images.
+
+The webui's rules (``StableDiffusionProcessingImg2Img.init`` / ``sample``, ``setup_img2img_steps``,
+the samplers' ``sample_img2img``):
+
+- each init image is flattened onto white (RGBA only, the ``img2img_background_color`` default),
+  converted to RGB and resized to the request's size by ``resize_mode`` with Lanczos (no
+  upscaler: the webui's ``upscaler_for_img2img`` default); mode 3 encodes the image at its own
+  size and resizes the latents bilinearly instead;
+- one init image serves every image of a batch; several set the batch size to their count (more
+  than ``batch_size`` is an error); every batch of ``n_iter`` starts from the same latents;
+- denoising strength d picks the schedule: ``steps`` sigmas, of which the last ``t_enc + 1``
+  steps run, ``t_enc = int(min(d, 0.999) * steps)``; with ``img2img_fix_steps`` the schedule is
+  ``int(steps / min(d, 0.999))`` long and ``steps`` of it run;
+- k-diffusion samplers start from ``init + noise * sigma_sched[0]``; DDIM / PLMS from
+  ``sqrt(abar) init + sqrt(1 - abar) noise`` at timestep ``timesteps[t_enc]``, then run over
+  ``timesteps[:t_enc]`` (the webui's off-by-one kept); the noise is the seed's first draw of
+  the webui's ImageRNG, as in txt2img, times ``initial_noise_multiplier``.
+
+Deliberate differences from the webui:
+
+- the init latent is the VAE posterior's mean times the latent scale factor; the webui samples
+  the posterior (``DiagonalGaussianDistribution.sample``) with torch's global RNG, which no seed
+  reproduces (the posterior's standard deviation is small next to the latents);
+- UniPC is refused for img2img (sdrt's UniPC has no start time yet; the webui starts it at
+  ``timesteps[-1] / 1000 + 1 / 1000``);
+- 16-bit / 32-bit integer and float images (Pillow modes I;16, I, F) are refused by name: Pillow's
+  conversion to RGB, which the webui uses, clips them to white; CMYK and palette images are
+  converted as Pillow does;
+- with ``img2img_fix_steps`` and strength 0 the init latents are decoded unchanged for every
+  sampler (the webui does that for k-diffusion samplers and divides by zero for DDIM / PLMS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sdrt.runtime import sampling
+from sdrt.runtime.backends import open_component
+from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.pipeline.params import GenerationParams, Img2imgParams
+from sdrt.runtime.pipeline.plan import Batch, Plan, make_plan, noise_seeds
+from sdrt.runtime.pipeline.txt2img import GeneratedImage, Pipeline
+from sdrt.runtime.sampling import samplers
+from sdrt.runtime.sampling.denoiser import EpsTimestepModel, LCMDenoiser
+from sdrt.runtime.sampling.noise import BrownianTreeNoise
+
+# The webui's names of resize_mode 0..3 (its img2img "Resize mode" radio)
+RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
+BACKGROUND = "#ffffff"  # the webui's img2img_background_color default
+_REFUSED_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+                  "F": "32-bit float"}
+
+
+def img2img_steps(steps: int, denoising_strength: float, fix_steps: bool = False) -> tuple[int, int]:
+    """(schedule length, t_enc) as the webui's ``setup_img2img_steps``: the sampler runs the
+    schedule's last ``t_enc + 1`` steps (k-diffusion) or its first ``t_enc`` timesteps (DDIM / PLMS)."""
+    d = min(denoising_strength, 0.999)
+    if fix_steps:
+        return (int(steps / d) if denoising_strength > 0 else 0), steps - 1
+    return steps, int(d * steps)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An init image from a file, upright by its EXIF orientation (the webui's ``images.read``);
+    one-line ``SdrtError`` for a file Pillow cannot read."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return ImageOps.exif_transpose(im)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:
+        raise SdrtError(f"cannot read image {path}: {e}") from None
+
+
+def flatten(image: Image.Image) -> Image.Image:
+    """RGB as the webui's ``images.flatten``: RGBA composited onto white, other modes converted
+    by Pillow (alpha of LA / PA dropped, CMYK without a color profile); refused by name: modes whose
+    conversion clips (16-bit, 32-bit, float)."""
+    if not isinstance(image, Image.Image):
+        raise SdrtError(f"init images must be PIL images, got {type(image).__name__}")
+    if image.mode in _REFUSED_MODES:
+        raise SdrtError(f"init image mode {image.mode} ({_REFUSED_MODES[image.mode]} pixels) is not supported: "
+                        "convert it to 8-bit RGB")
+    if image.mode == "RGBA":
+        background = Image.new("RGBA", image.size, BACKGROUND)
+        background.paste(image, mask=image)
+        image = background
+    return image.convert("RGB")
+
+
+def resize_image(mode: int, image: Image.Image, width: int, height: int) -> Image.Image:
+    """``image`` at ``width`` x ``height`` as the webui's ``images.resize_image`` with Lanczos:
+    0 stretch; 1 scale to cover and crop the centre; 2 scale to fit, centre, and fill the two bands
+    by stretching the image's edge rows or columns."""
+    if mode == 0:
+        return image.resize((width, height), Image.Resampling.LANCZOS)
+    ratio, src_ratio = width / height, image.width / image.height
+    cover = mode == 1
+    # The width is matched when covering a wider target, or fitting a wider image; else the height
+    if (ratio > src_ratio) if cover else (ratio < src_ratio):
+        src_w, src_h = width, image.height * width // image.width
+    else:
+        src_w, src_h = image.width * height // image.height, height
+    resized = image.resize((src_w, src_h), Image.Resampling.LANCZOS)
+    out = Image.new("RGB", (width, height))
+    left, top = width // 2 - src_w // 2, height // 2 - src_h // 2
+    out.paste(resized, box=(left, top))
+    if cover:
+        return out
+    if ratio < src_ratio:  # bands above and below: the first and last rows stretched
+        out.paste(resized.resize((width, top), box=(0, 0, width, 0)), box=(0, 0))
+        out.paste(resized.resize((width, top), box=(0, src_h, width, src_h)), box=(0, top + src_h))
+    elif ratio > src_ratio:  # bands left and right: the first and last columns stretched
+        out.paste(resized.resize((left, height), box=(0, 0, 0, height)), box=(0, 0))
+        out.paste(resized.resize((left, height), box=(src_w, 0, src_w, height)), box=(left + src_w, 0))
+    return out
+
+
+def resize_latents(z: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[n, c, h, w] -> [n, c, height, width] bilinearly as torch's ``interpolate(mode="bilinear")``
+    (half-pixel centres, no antialiasing), which the webui's latent upscale resize mode uses."""
+    def axis(n_in: int, n_out: int):
+        src = np.maximum((np.arange(n_out, dtype=np.float32) + 0.5) * np.float32(n_in / n_out) - 0.5, 0)
+        i0 = src.astype(np.int64)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        w1 = (src - i0).astype(np.float32)
+        return i0, i1, w1
+
+    y0, y1, wy = axis(z.shape[2], height)
+    x0, x1, wx = axis(z.shape[3], width)
+    rows = z[:, :, y0] * (1 - wy)[:, None] + z[:, :, y1] * wy[:, None]
+    return (rows[..., x0] * (1 - wx) + rows[..., x1] * wx).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Img2imgPlan(Plan):
+    """A txt2img ``Plan`` (sampler, size, seeds, batches) plus the init images and the step arithmetic."""
+
+    init_images: tuple[Image.Image, ...]  # RGB; at the request's size except in latent upscale mode
+    denoising_strength: float
+    schedule_steps: int  # the schedule's length: steps, or more with img2img_fix_steps
+    t_enc: int
+
+    @property
+    def steps(self) -> int:
+        """The sampler steps a batch reports (the webui's ``launch_sampling(t_enc + 1)``; DDIM and
+        PLMS make one fewer than their timesteps)."""
+        if self.schedule_steps == 0:
+            return 0
+        return max(self.t_enc - 1, 0) if self.sampler.family == "timesteps" else self.t_enc + 1
+
+    def infotext_fields(self, model_hash: str | None, model_name: str) -> dict:
+        fields = {}
+        for key, value in super().infotext_fields(model_hash, model_name).items():
+            fields[key] = value
+            if key == "Seed resize from":  # the webui's place for it
+                fields["Denoising strength"] = self.denoising_strength
+        multiplier = self.params.initial_noise_multiplier
+        return {**fields, "Noise multiplier": multiplier if multiplier != 1.0 else None}
+
+
+def make_img2img_plan(bundle, p: Img2imgParams, **plan_options) -> Img2imgPlan:
+    """Validate an img2img request with one-line errors (``make_plan``'s checks and img2img's) and
+    resolve it; the init images are flattened and resized here."""
+    if not isinstance(p, Img2imgParams):
+        raise SdrtError("img2img needs Img2imgParams (init_images, denoising_strength, resize_mode)")
+    d = p.denoising_strength
+    if isinstance(d, bool) or not isinstance(d, (int, float, np.number)) or not 0.0 <= d <= 1.0:
+        raise SdrtError(f"denoising_strength must be a number in [0, 1], got {d!r}")
+    if isinstance(p.resize_mode, bool) or p.resize_mode not in range(len(RESIZE_MODES)):
+        modes = ", ".join(f"{i} {name}" for i, name in enumerate(RESIZE_MODES))
+        raise SdrtError(f"resize_mode must be one of {modes}; got {p.resize_mode!r}")
+    m = p.initial_noise_multiplier
+    if isinstance(m, bool) or not isinstance(m, (int, float, np.number)) or not np.isfinite(m):
+        raise SdrtError(f"initial_noise_multiplier must be a finite number, got {m!r}")
+    images = p.init_images
+    if isinstance(images, Image.Image):
+        images = [images]
+    if not isinstance(images, (list, tuple)) or not images:
+        raise SdrtError("img2img needs at least one init image")
+    images = [flatten(im) for im in images]
+    if len(images) > 1:
+        if len(images) > p.batch_size:
+            raise SdrtError(f"{len(images)} init images for batch size {p.batch_size}: give at most "
+                            "batch size images (one is used for the whole batch)")
+        # The webui runs the batch at the number of images given
+        p = dataclasses.replace(p, batch_size=len(images))
+    plan = make_plan(bundle, p, **plan_options)
+    if plan.sampler.fn is samplers.sample_unipc:
+        raise SdrtError("sampler 'UniPC' does not support img2img in sdrt yet; use DDIM or a k-diffusion sampler")
+    if p.resize_mode != 3:
+        images = [resize_image(p.resize_mode, im, plan.width, plan.height) for im in images]
+    schedule_steps, t_enc = img2img_steps(p.steps, float(d), bool(p.img2img_fix_steps))
+    if schedule_steps > 0:
+        sampling.check_steps(plan.sampler, schedule_steps)
+    base = {f.name: getattr(plan, f.name) for f in dataclasses.fields(Plan)}
+    return Img2imgPlan(**base, init_images=tuple(images), denoising_strength=d, schedule_steps=schedule_steps,
+                       t_enc=t_enc)
+
+
+class Img2imgPipeline(Pipeline):
+    """``Pipeline`` with the VAE encoder: ``pipe.img2img(prompt, init_images=[image], denoising_strength=0.75,
+    ...)`` takes the webui img2img API's field names (``Img2imgParams``); txt2img calls work as before."""
+
+    def __init__(self, bundle, *args, half_vae: bool = True, **kwargs):
+        super().__init__(bundle, *args, half_vae=half_vae, **kwargs)
+        self.vae_encoder = open_component(self.bundle, "vae_encoder", self.device,
+                                          self.precision if half_vae else "fp32", lazy=True)
+        self._encoded: tuple[Img2imgPlan, np.ndarray] | None = None
+
+    def img2img(self, prompt: str = "", **params) -> list[GeneratedImage]:
+        """Images from ``init_images`` and ``prompt``; one-line ``SdrtError`` for a wrong argument."""
+        return self.generate(Img2imgParams.from_webui({"prompt": prompt, **params}))
+
+    def plan(self, p: GenerationParams) -> Plan:
+        if not isinstance(p, Img2imgParams):
+            return super().plan(p)
+        tile = self.vae_tiling.size if self.vae_tiling is not None else None
+        return make_img2img_plan(self.bundle, p, check_clip_skip=self.text_encoder.check_clip_skip,
+                                 device=self.device, vae_tile=tile)
+
+    def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """RGB images -> scaled latents [n, C, h, w]: one encoder run per image (as the webui), the
+        posterior's mean times the latent scale factor."""
+        c = self.bundle.latent_channels
+        out = []
+        for im in images:
+            x = np.asarray(im, dtype=np.float32) / np.float32(255.0)
+            x = np.moveaxis(x, 2, 0)[None] * np.float32(2.0) - np.float32(1.0)
+            params = self.vae_encoder.run({"sample": x}, ["latent_parameters"])["latent_parameters"]
+            z = params[0, :c] * np.float32(self.bundle.latent_scale_factor)
+            if not np.all(np.isfinite(z)):
+                raise SdrtError(f"the VAE encoder produced NaN/Inf ({Path(self.vae_encoder.path).name})")
+            out.append(z.astype(np.float32))
+        return np.stack(out)
+
+    def init_latents(self, plan: Img2imgPlan) -> np.ndarray:
+        """The plan's init latents at the latent size, encoded once per plan (every batch starts from them)."""
+        if self._encoded is None or self._encoded[0] is not plan:
+            z = self.encode(plan.init_images)
+            if plan.params.resize_mode == 3:
+                z = resize_latents(z, plan.latent_shape[1], plan.latent_shape[2])
+            self._done_with(self.vae_encoder, "med", "low")
+            self._encoded = (plan, z)
+        return self._encoded[1]
+
+    def generate(self, p, callback=None) -> list[GeneratedImage]:
+        try:
+            return super().generate(p, callback)
+        finally:
+            self._encoded = None
+
+    def loaded(self) -> list[str]:
+        return super().loaded() + (["vae_encoder"] if self.vae_encoder.loaded else [])
+
+    def _sample(self, plan: Plan, batch: Batch, cond, uncond, callback) -> np.ndarray:
+        if not isinstance(plan, Img2imgPlan):
+            return super()._sample(plan, batch, cond, uncond, callback)
+        p, info = plan.params, plan.sampler
+        init = self.init_latents(plan)
+        if len(init) != len(batch.seeds):
+            if len(init) != 1:
+                raise SdrtError(f"{len(init)} init images for a batch of {len(batch.seeds)} seeds")
+            init = np.repeat(init, len(batch.seeds), axis=0)
+        rng = self.image_rng(plan, batch)
+        noise = rng.next()
+        if p.initial_noise_multiplier != 1.0:
+            noise = noise * np.float32(p.initial_noise_multiplier)
+        if plan.schedule_steps == 0:
+            return init
+        options = dict(plan.options)
+
+        on_step = self._on_step(plan, callback)
+
+        def next_noise(sigma, sigma_next):
+            return rng.next()
+
+        guided = self._guided(plan, cond, uncond)
+
+        if info.family == "timesteps":
+            ac = self.denoiser.alphas_cumprod
+            timesteps = sampling.timesteps_for(info, plan.schedule_steps, len(ac))
+            a = np.float32(ac[timesteps[plan.t_enc]])
+            x = init * np.sqrt(a) + noise * np.sqrt(np.float32(1.0) - a)
+            if plan.t_enc < 2:  # no step between the timesteps left
+                return x
+            return info.fn(guided(EpsTimestepModel(self.denoiser)), x, timesteps[:plan.t_enc], alphas_cumprod=ac,
+                           noise=next_noise, callback=on_step, **options)
+        inner = LCMDenoiser(self.denoiser) if info.family == "lcm" else self.denoiser
+        sigmas = sampling.sigmas_for(plan.schedule, plan.schedule_steps, inner.schedule, sampler=info,
+                                     arch=self.bundle.architecture)
+        sigma_sched = sigmas[plan.schedule_steps - plan.t_enc - 1:]
+        if info.fixed_schedule:
+            # DPM fast / adaptive over the part of the schedule left (the webui: the last sigma above 0)
+            options.update(sigma_min=float(sigma_sched[-2]), sigma_max=float(sigma_sched[0]))
+        x = init + noise * np.float32(sigma_sched[0])
+        sampler_noise = next_noise
+        if info.brownian:
+            # The webui builds the tree over the whole schedule's range, not the part sampled
+            sampler_noise = BrownianTreeNoise(plan.latent_shape, noise_seeds(batch.seeds, plan.rng),
+                                              float(sigmas[sigmas > 0].min()), float(sigmas.max()), source=plan.rng)
+        return info.fn(guided(inner), x, sigma_sched, noise=sampler_noise, callback=on_step, **options)

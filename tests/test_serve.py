@@ -1,0 +1,407 @@
+"""``sdrt serve`` against live servers on 127.0.0.1 with the embedded model: the webui's own client
+(webuiapi), raw HTTP for errors, limits and auth, the bounded queue and a small concurrent load."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+
+from sdrt.models import default_model_path
+from sdrt.runtime import png
+
+webuiapi = pytest.importorskip("webuiapi")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+AUTH = ("alice", "s3cret:with-colon")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url, payload=None, auth=None, method=None, timeout=60):
+    """(status, headers, JSON body) of one request; HTTP errors are answers too."""
+    data = None if payload is None else (payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
+                                 headers={"Content-Type": "application/json"})
+    if auth is not None:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.headers, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        return e.code, e.headers, json.loads(body) if body else None
+
+
+class Server:
+    def __init__(self, tmp_path, *args):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp_path / f"serve-{self.port}.log", "w+")  # noqa: SIM115 - closed by stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "serve", "--port", str(self.port), *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/docs", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # 401 from a guarded server: it is up
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    self.log.seek(0)
+                    raise RuntimeError(f"sdrt serve did not start:\n{self.log.read()}")
+                time.sleep(0.2)
+
+    def api(self, route):
+        return f"{self.url}/sdapi/v1/{route}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: uvicorn's graceful shutdown
+            self.proc.wait(30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    ckpt = tmp / "Stable-diffusion"
+    shutil.copytree(default_model_path(), ckpt / "copy")  # a second model to switch to
+    s = Server(tmp, "--ckpt-dir", str(ckpt), "--max-steps", "200", "--max-pixels", str(128 * 128))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """Auth on, one queue place."""
+    tmp = tmp_path_factory.mktemp("guarded")
+    s = Server(tmp, "--ckpt-dir", str(tmp / "none"), "--queue-size", "1", "--max-steps", "400", "--max-body", "100000",
+               "--cors-allow-origins", "http://app.test", "--api-auth", f"{AUTH[0]}:{AUTH[1]},bob:hunter2")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server.port)
+
+
+def _seed_of(image: Image.Image) -> int:
+    return int(png.parse_infotext(image.info["parameters"])[2]["Seed"])
+
+
+def test_txt2img_with_the_webui_client(client):
+    r = client.txt2img(prompt="a red house", negative_prompt="blurry", seed=1234, steps=6, width=128, height=128,
+                       batch_size=2, sampler_name="DPM++ 2M", cfg_scale=5)
+    assert len(r.images) == 2 and r.images[0].size == (128, 128)
+    assert [_seed_of(im) for im in r.images] == [1234, 1235]
+    info = r.info
+    assert info["all_seeds"] == [1234, 1235] and info["seed"] == 1234 and info["sampler_name"] == "DPM++ 2M"
+    assert info["prompt"] == "a red house" and info["negative_prompt"] == "blurry"
+    assert info["infotexts"][0] == r.images[0].info["parameters"]
+    prompt, negative, fields = png.parse_infotext(info["infotexts"][1])
+    assert (prompt, negative, fields["Sampler"], fields["Steps"], fields["CFG scale"]) == \
+        ("a red house", "blurry", "DPM++ 2M", "6", "5")
+    assert r.parameters["prompt"] == "a red house"  # the request, as the webui's response carries it
+    # The same seed renders the same pixels (nothing of one request leaks into the next)
+    again = client.txt2img(prompt="a red house", negative_prompt="blurry", seed=1234, steps=6, width=128,
+                           height=128, sampler_name="DPM++ 2M", cfg_scale=5)
+    assert again.images[0].tobytes() == r.images[0].tobytes()
+
+
+def test_png_info_reads_the_parameters_back(client):
+    image = client.txt2img(prompt="a boat", seed=9, steps=3, width=128, height=128).images[0]
+    r = client.png_info(image)
+    assert r.info == image.info["parameters"]
+    assert r.json["parameters"]["Prompt"] == "a boat" and r.json["parameters"]["Seed"] == "9"
+
+
+def test_options_round_trip_and_model_switch(client, server):
+    options = client.get_options()
+    assert options["CLIP_stop_at_last_layers"] == 1 and options["eta_noise_seed_delta"] == 0
+    titles = [m["title"] for m in client.get_sd_models()]
+    assert options["sd_model_checkpoint"] == titles[0] and any(t.startswith("copy [") for t in titles)
+    try:
+        client.set_options({"eta_noise_seed_delta": 31337, "CLIP_stop_at_last_layers": 2})
+        assert client.get_options()["eta_noise_seed_delta"] == 31337
+        r = client.txt2img(prompt="x", seed=5, steps=3, width=128, height=128)
+        fields = png.parse_infotext(r.info["infotexts"][0])[2]
+        assert fields["ENSD"] == "31337" and fields["Clip skip"] == "2"
+        client.util_set_model(next(t for t in titles if t.startswith("copy [")), find_closest=False)
+        assert client.util_get_current_model().startswith("copy [")
+        assert client.txt2img(prompt="x", seed=5, steps=3, width=128, height=128).images[0].tobytes() == \
+            r.images[0].tobytes()  # the copy holds the same weights
+    finally:
+        client.set_options({"eta_noise_seed_delta": 0, "CLIP_stop_at_last_layers": 1,
+                            "sd_model_checkpoint": titles[0]})
+    assert client.get_options()["sd_model_checkpoint"] == titles[0]
+    status, _, body = _request(server.api("options"), {"sd_model_checkpoint": "../../etc/passwd"})
+    assert status == 422 and "unknown model" in body["detail"]
+    status, _, body = _request(server.api("options"), {"samples_save": True})
+    assert status == 422 and "samples_save" in body["detail"]
+
+
+def test_lists_in_the_webui_shapes(client, server):
+    samplers = client.get_samplers()
+    assert {"name", "aliases", "options"} <= set(samplers[0]) and "Euler a" in [s["name"] for s in samplers]
+    assert "karras" in [s["name"] for s in client.get_schedulers()]
+    for route in ("upscalers", "latent-upscale-modes", "loras", "sd-vae"):
+        assert _request(server.api(route))[:3:2] == (200, [])
+    memory = client.get_memory()
+    assert memory["ram"]["total"] > 0
+    assert client.get_cmd_flags()["ckpt_dir"].endswith("Stable-diffusion")
+    assert _request(server.api("refresh-checkpoints"), method="POST")[0] == 200
+
+
+def test_img2img_with_the_webui_client(client, server):
+    pytest.importorskip("sdrt.runtime.pipeline.img2img", reason="the img2img stage is not in this sdrt")
+    init = client.txt2img(prompt="a house", seed=4, steps=4, width=128, height=128).images[0]
+    r = client.img2img(images=[init], prompt="a house at night", seed=8, steps=10, denoising_strength=0.5,
+                       width=128, height=128, batch_size=2)
+    assert len(r.images) == 2 and r.images[0].size == (128, 128)
+    assert [_seed_of(im) for im in r.images] == [8, 9]
+    fields = png.parse_infotext(r.info["infotexts"][0])[2]
+    assert fields["Denoising strength"] == "0.5" and r.info["denoising_strength"] == 0.5
+    assert r.parameters["init_images"] is None  # as the webui's, without include_init_images
+    for payload, field in (({"init_images": ["%%%"]}, "init_images[0]"), ({"init_images": []}, "init_images"),
+                           ({"init_images": [r.json["images"][0]], "mask": r.json["images"][0]}, "mask"),
+                           ({"init_images": [r.json["images"][0]], "denoising_strength": 2}, "denoising_strength")):
+        status, _, body = _request(server.api("img2img"), {"prompt": "x", **payload})
+        assert status == 422 and field in body["detail"], body
+
+
+def test_progress_during_a_job_and_interrupt(client, server):
+    results = {}
+
+    def long_job():
+        results["r"] = _request(server.api("txt2img"), {"prompt": "slow", "seed": 3, "steps": 200, "batch_size": 4,
+                                                        "width": 128, "height": 128, "force_task_id": "t-long"})
+
+    t = threading.Thread(target=long_job)
+    t.start()
+    deadline = time.monotonic() + 30
+    while True:
+        p = client.get_progress()
+        if p["state"]["sampling_step"] >= 2:
+            break
+        assert time.monotonic() < deadline, p
+        time.sleep(0.05)
+    assert p["state"]["sampling_steps"] == 200 and p["state"]["job_count"] == 1 and 0 < p["progress"] < 1
+    assert _request(server.api("progress?id_task=t-long"))[2]["queue_position"] == 0
+    asked = time.monotonic()
+    client.interrupt()
+    t.join(30)
+    assert time.monotonic() - asked < 1.5  # the rest of the job's 200 steps take seconds more
+    status, _, body = results["r"]
+    assert status == 200 and len(body["images"]) == 4  # the images of the last prediction, as the webui's
+    info = json.loads(body["info"])
+    assert info["all_seeds"] == [3, 4, 5, 6] and png.parse_infotext(info["infotexts"][0])[2]["Seed"] == "3"
+    assert client.get_progress()["state"]["job_count"] == 0
+
+
+@pytest.mark.parametrize("payload, field", [
+    ({"prompt": "x", "steps": "many"}, "steps"),
+    ({"prompt": "x", "cfg_scale": "high"}, "cfg_scale"),
+    ({"prompt": "x", "width": 100}, "width"),
+    ({"prompt": "x", "steps": 201}, "--max-steps"),
+    ({"prompt": "x", "batch_size": 9}, "--max-batch"),
+    ({"prompt": "x", "width": 256, "height": 256}, "--max-pixels"),
+    ({"prompt": "x", "n_iter": 10**12}, "--max-batch"),
+    ({"prompt": "x", "bogus_field": 1}, "bogus_field"),
+    ({"prompt": "x", "enable_hr": True}, "enable_hr"),
+    ({"prompt": "x", "sampler_name": "Nope"}, "sampler"),
+    ({"prompt": "x", "override_settings": {"sd_vae": "/etc/passwd"}}, "sd_vae"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "word " * 5000}, "characters"),
+    ({"prompt": "x", "force_task_id": ["a"]}, "force_task_id"),
+])
+def test_invalid_requests_are_422_naming_the_field(server, payload, field):
+    status, _, body = _request(server.api("txt2img"), payload)
+    assert status == 422 and field in body["detail"] and "Traceback" not in json.dumps(body)
+
+
+def test_wrong_values_in_any_field_never_500(server):
+    """Each webui field (and sdrt's) given each wrong kind of value: an answer, 200 or 422, never a 500."""
+    import dataclasses
+
+    from sdrt.runtime.pipeline import GenerationParams
+    from sdrt.runtime.pipeline.params import _NEUTRAL
+
+    names = [f.name for f in dataclasses.fields(GenerationParams)] + [*_NEUTRAL, "override_settings", "sampler_index"]
+    for name in names:
+        for value in (None, "x", [], {"a": 1}, -1, 10**30, 1.5, True, float("nan")):
+            payload = {"prompt": "x", "steps": 2, "width": 64, "height": 64, name: value}
+            status, _, body = _request(server.api("txt2img"), json.dumps(payload).encode())
+            assert status in (200, 422), (name, value, body)
+
+
+def test_malformed_bodies_never_500(server):
+    assert _request(server.api("txt2img"), b"{not json")[0] == 422
+    assert _request(server.api("txt2img"), [1, 2])[0] == 422
+    assert _request(server.api("txt2img"), b"[" * 100_000)[0] in (400, 422)
+    deep = b'{"prompt": "x", "styles": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert _request(server.api("txt2img"), deep)[0] in (400, 422)
+    status, _, body = _request(server.api("png-info"), {"image": "not base64!"})
+    assert status == 422 and "base64" in body["detail"]
+    status, _, body = _request(server.api("png-info"), {"image": base64.b64encode(b"junk").decode()})
+    assert status == 422 and "image" in body["detail"]
+
+
+def test_openai_images_generations(server):
+    status, _, body = _request(f"{server.url}/v1/images/generations",
+                               {"prompt": "a tree", "n": 2, "size": "128x128", "seed": 77, "steps": 3})
+    assert status == 200 and len(body["data"]) == 2
+    image = Image.open(io.BytesIO(base64.b64decode(body["data"][1]["b64_json"])))
+    assert image.size == (128, 128) and _seed_of(image) == 78
+    assert _request(f"{server.url}/v1/images/generations", {"prompt": "x", "response_format": "url"})[0] == 422
+
+
+def test_concurrent_clients_get_their_own_images(server):
+    def one(seed):
+        status, _, body = _request(server.api("txt2img"), {"prompt": f"p{seed}", "seed": seed, "steps": 3,
+                                                           "width": 64, "height": 64}, timeout=120)
+        assert status == 200, body
+        image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+        return seed, _seed_of(image), json.loads(body["info"])["prompt"]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(1000, 1024)))
+        used = _request(server.api("memory"))[2]["ram"]["used"]
+        answers += pool.map(one, range(2000, 2024))
+    assert len(answers) == 48
+    assert all(seed == got and prompt == f"p{seed}" for seed, got, prompt in answers)
+    growth = _request(server.api("memory"))[2]["ram"]["used"] - used
+    assert growth < 16 << 20, f"the server's memory grew {growth >> 20} MB over 24 requests"
+
+
+def test_auth_is_required_on_every_route(guarded):
+    for route in ("options", "sd-models", "progress"):
+        assert _request(guarded.api(route))[0] == 401
+        assert _request(guarded.api(route), auth=("alice", "wrong"))[0] == 401
+        assert _request(guarded.api(route), auth=AUTH)[0] == 200
+    assert _request(guarded.api("options"), auth=("bob", "hunter2"))[0] == 200
+    assert _request(f"{guarded.url}/docs")[0] == 401
+    status, headers, _ = _request(guarded.api("txt2img"), {"prompt": "x"})
+    assert status == 401 and headers["WWW-Authenticate"] == "Basic"
+    flags = webuiapi.WebUIApi(port=guarded.port, username=AUTH[0], password=AUTH[1]).get_cmd_flags()
+    assert flags["api_auth"] == "<set>" and AUTH[1] not in json.dumps(flags)
+
+
+def test_a_full_queue_answers_503_with_retry_after(guarded):
+    long = {"prompt": "slow", "steps": 400, "width": 128, "height": 128}
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(_request(guarded.api("txt2img"), long, auth=AUTH)))]
+    threads[0].start()
+    deadline = time.monotonic() + 30
+    while _request(guarded.api("progress"), auth=AUTH)[2]["state"]["sampling_step"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    waiting = {**long, "force_task_id": "t-second"}
+    threads.append(threading.Thread(target=lambda: answers.append(_request(guarded.api("txt2img"), waiting,
+                                                                           auth=AUTH))))
+    threads[1].start()
+    while _request(guarded.api("progress"), auth=AUTH)[2]["queue_pending"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert _request(guarded.api("progress?id_task=t-second"), auth=AUTH)[2]["queue_position"] == 1
+    status, headers, body = _request(guarded.api("txt2img"), long, auth=AUTH)
+    assert status == 503 and int(headers["Retry-After"]) >= 1 and "queue is full" in body["detail"]
+    # interrupt both accepted jobs: each still ends with its image
+    while any(t.is_alive() for t in threads):
+        _request(guarded.api("interrupt"), method="POST", auth=AUTH)
+        time.sleep(0.1)
+    assert sorted(a[0] for a in answers) == [200, 200]
+
+
+def test_sigterm_finishes_the_job_in_flight(tmp_path):
+    s = Server(tmp_path, "--ckpt-dir", str(tmp_path / "none"))
+    answers = []
+    t = threading.Thread(target=lambda: answers.append(_request(s.api("txt2img"), {
+        "prompt": "x", "seed": 21, "steps": 100, "batch_size": 2, "width": 128, "height": 128})))
+    t.start()
+    deadline = time.monotonic() + 30
+    while _request(s.api("progress"))[2]["state"]["sampling_step"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    s.proc.terminate()
+    t.join(60)
+    s.proc.wait(30)
+    status, _, body = answers[0]
+    assert status == 200 and len(body["images"]) == 2 and json.loads(body["info"])["all_seeds"] == [21, 22]
+    s.stop()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(s.api("progress"), timeout=2)
+
+
+def test_the_cli_loads_fastapi_only_for_serve():
+    code = "import sys, sdrt.cli; print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_every_get_route_of_the_schema_answers_without_5xx(server):
+    schema = _request(f"{server.url}/openapi.json")[2]
+    routes = [path for path, ops in schema["paths"].items() if "get" in ops and "{" not in path]
+    assert len(routes) >= 15
+    for path in routes:
+        status = _request(server.url + path)[0]
+        assert status < 500, path
+
+
+def test_an_oversized_body_is_413(guarded):
+    status, _, body = _request(guarded.api("png-info"), {"image": "A" * 200_000}, auth=AUTH)
+    assert status == 413 and "100000 bytes" in body["detail"]
+
+
+def test_a_client_that_disconnects_stops_its_job(server):
+    # about 8 s of work: stopped once the client is gone, it ends within a fraction of that
+    body = json.dumps({"prompt": "gone", "steps": 200, "batch_size": 8, "width": 128, "height": 128}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.monotonic() + 30
+    while _request(server.api("progress"))[2]["state"]["sampling_step"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    sock.close()
+    gone = time.monotonic()
+    while (state := _request(server.api("progress"))[2]["state"])["job_count"]:
+        last = state["sampling_step"]
+        assert time.monotonic() - gone < 3, state
+        time.sleep(0.05)
+    assert last < 100
+
+
+def test_cors_only_for_the_configured_origins(server, guarded):
+    def preflight(s):
+        req = urllib.request.Request(s.api("txt2img"), method="OPTIONS", headers={
+            "Origin": "http://app.test", "Access-Control-Request-Method": "POST"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.headers.get("access-control-allow-origin")
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("access-control-allow-origin")
+
+    assert preflight(guarded) == (200, "http://app.test")  # a preflight carries no credentials
+    assert preflight(server)[1] is None
