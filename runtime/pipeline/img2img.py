@@ -44,11 +44,10 @@ from sdrt.runtime import sampling
 from sdrt.runtime.backends import open_component
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline.params import GenerationParams, Img2imgParams
-from sdrt.runtime.pipeline.plan import Batch, Plan, make_plan, noise_seeds
+from sdrt.runtime.pipeline.plan import Batch, Plan, make_plan
 from sdrt.runtime.pipeline.txt2img import GeneratedImage, Pipeline
 from sdrt.runtime.sampling import samplers
 from sdrt.runtime.sampling.denoiser import EpsTimestepModel, LCMDenoiser
-from sdrt.runtime.sampling.noise import BrownianTreeNoise
 
 # The webui's names of resize_mode 0..3 (its img2img "Resize mode" radio)
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
@@ -299,9 +298,5 @@ class Img2imgPipeline(Pipeline):
             # DPM fast / adaptive over the part of the schedule left (the webui: the last sigma above 0)
             options.update(sigma_min=float(sigma_sched[-2]), sigma_max=float(sigma_sched[0]))
         x = init + noise * np.float32(sigma_sched[0])
-        sampler_noise = next_noise
-        if info.brownian:
-            # The webui builds the tree over the whole schedule's range, not the part sampled
-            sampler_noise = BrownianTreeNoise(plan.latent_shape, noise_seeds(batch.seeds, plan.rng),
-                                              float(sigmas[sigmas > 0].min()), float(sigmas.max()), source=plan.rng)
+        sampler_noise = self.brownian_noise(plan, batch, sigmas) if info.brownian else next_noise
         return info.fn(guided(inner), x, sigma_sched, noise=sampler_noise, callback=on_step, **options)

@@ -185,9 +185,15 @@ class Pipeline:
                         subseed_strength=p.subseed_strength, seed_resize_from_h=p.seed_resize_from_h,
                         seed_resize_from_w=p.seed_resize_from_w)
 
+    @staticmethod
+    def brownian_noise(plan: Plan, batch: Batch, sigmas: np.ndarray) -> BrownianTreeNoise:
+        """The webui's create_noise_sampler for the SDE samplers: one Brownian tree per image seed
+        over the whole schedule's sigma range (img2img too, though it samples only part of it)."""
+        return BrownianTreeNoise(plan.latent_shape, noise_seeds(batch.seeds, plan.rng), float(sigmas[sigmas > 0].min()),
+                                 float(sigmas.max()), source=plan.rng)
+
     def _sample(self, plan: Plan, batch: Batch, cond, uncond, callback) -> np.ndarray:
         p, info = plan.params, plan.sampler
-        seeds = noise_seeds(batch.seeds, plan.rng)
         rng = self.image_rng(plan, batch)
         options = dict(plan.options)
 
@@ -212,11 +218,7 @@ class Pipeline:
             # DPM fast / adaptive span the model's own sigma range (the webui passes it)
             options.update(sigma_min=inner.schedule.sigma_min, sigma_max=inner.schedule.sigma_max)
         x = rng.next() * np.float32(sigmas[0])
-        noise = next_noise
-        if info.brownian:
-            # The webui's create_noise_sampler: one Brownian tree per image seed over the schedule's range
-            noise = BrownianTreeNoise(plan.latent_shape, seeds, float(sigmas[sigmas > 0].min()), float(sigmas.max()),
-                                      source=plan.rng)
+        noise = self.brownian_noise(plan, batch, sigmas) if info.brownian else next_noise
         return info.fn(model, x, sigmas, noise=noise, callback=on_step, **options)
 
     def generate(self, p: GenerationParams | Plan, callback: StepCallback | None = None) -> list[GeneratedImage]:
