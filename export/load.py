@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sdrt.export.configs import check_configs, sd1_configs
+from sdrt.export.configs import architecture_of, check_configs, sd1_configs
 from sdrt.runtime.errors import CheckpointError
 
 __all__ = [
@@ -50,6 +50,7 @@ ARCHITECTURE_NAMES = {
     "sdxl-refiner": "SDXL refiner",
     "sd3": "SD 3",
     "flux": "Flux",
+    "cascade": "Stable Cascade",
     "lora": "LoRA",
     "vae": "standalone VAE",
     "diffusers": "diffusers-layout",
@@ -223,7 +224,8 @@ def detect_architecture(state_dict: dict) -> str:
       cross attention); ``"sd1-inpaint"`` / ``"sd1-pix2pix"`` for 9 / 8 input channels;
     * ``"sd2"`` (``cond_stage_model.model.*``, OpenCLIP; or 1024-wide cross attention)
       and its ``-inpaint`` / ``-pix2pix`` variants;
-    * ``"sdxl"`` / ``"sdxl-refiner"`` (``conditioner.embedders.*``), ``"sd3"``, ``"flux"``;
+    * ``"sdxl"`` / ``"sdxl-refiner"`` (``conditioner.embedders.*``), ``"sd3"``, ``"flux"``,
+      ``"cascade"`` (Stable Cascade's stages C and B);
     * ``"lora"``, ``"vae"`` (a standalone LDM VAE), ``"diffusers"`` (weights already
       in the diffusers module layout) and ``"unknown"``.
 
@@ -240,6 +242,10 @@ def detect_architecture(state_dict: dict) -> str:
         return "sd3"
     if has(_UNET + "double_blocks.") or has("double_blocks."):
         return "flux"
+    # Stable Cascade's stage C (clf, the CLIP mappers) and stage B (effnet_mapper), bare or under model.
+    bare = (k.removeprefix("model.") for k in keys)
+    if any(k.startswith(("clf.1.", "clip_txt_mapper.", "effnet_mapper.")) for k in bare):
+        return "cascade"
     suffix = _in_channels_suffix(state_dict)
     if has("conditioner.embedders."):
         if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
@@ -273,11 +279,13 @@ _WEIGHT_FILES = {
     "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
     "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
     "text_encoder": ("model", "pytorch_model"),
+    "text_encoder_2": ("model", "pytorch_model"),
 }
 _CONFIG_FILES = {
     "unet": "unet/config.json",
     "vae": "vae/config.json",
     "text_encoder": "text_encoder/config.json",
+    "text_encoder_2": "text_encoder_2/config.json",
     "scheduler": "scheduler/scheduler_config.json",
 }
 
@@ -320,54 +328,69 @@ def _read_config(folder: Path, relative: str) -> dict:
     return config
 
 
-def _folder_architecture(folder: Path, configs: dict) -> str:
-    unet, text = configs["unet"], configs["text_encoder"]
-    index_path = folder / "model_index.json"
-    index = {}
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except Exception:
-            index = {}
-    suffix = {9: "-inpaint", 8: "-pix2pix"}.get(unet.get("in_channels", 4), "")
-    if (
-        (folder / "text_encoder_2").exists()
-        or "text_encoder_2" in index
-        or unet.get("addition_embed_type") is not None
-    ):
-        return "sdxl" + ("-inpaint" if suffix == "-inpaint" else "")
-    if unet.get("cross_attention_dim") == 1024 or text.get("hidden_act") == "gelu":
-        return "sd2" + suffix
-    return "sd1" + suffix
+def _model_index(folder: Path) -> dict:
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except Exception:
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _folder_text_encoders(folder: Path) -> tuple[str, ...]:
+    """The text encoder folders a diffusers folder has or its ``model_index.json`` names: SDXL
+    both, the refiner only ``text_encoder_2`` (its index names ``text_encoder`` as null)."""
+    index = _model_index(folder)
+
+    def named(name: str) -> bool | None:
+        entry = index.get(name)
+        return None if name not in index else isinstance(entry, list) and entry[:1] != [None]
+
+    second = (folder / "text_encoder_2").exists() or bool(named("text_encoder_2"))
+    first = (folder / "text_encoder").exists() or named("text_encoder") is not False
+    if not second:
+        first = True
+    return tuple(n for n, present in (("text_encoder", first), ("text_encoder_2", second)) if present)
+
+
+def _folder_architecture(configs: dict) -> str:
+    suffix = {9: "-inpaint", 8: "-pix2pix"}.get(configs["unet"].get("in_channels", 4), "")
+    arch = architecture_of(configs)
+    if arch == "sd1" and configs["unet"].get("cross_attention_dim") == 1024:
+        arch = "sd2"
+    if arch == "sdxl":
+        return arch + ("-inpaint" if suffix == "-inpaint" else "")
+    return arch + suffix if arch in ("sd1", "sd2") else arch
 
 
 def load_diffusers_folder(path: str | Path) -> tuple[dict, dict]:
-    """Read a diffusers Stable Diffusion folder.
+    """Read a diffusers Stable Diffusion folder (SD 1.x, SD 2.x, SDXL or the SDXL refiner).
 
     Expects ``unet/`` and ``vae/`` (``config.json`` + ``diffusion_pytorch_model``
     ``.safetensors`` or ``.bin``), ``text_encoder/`` (``config.json`` +
-    ``model.safetensors`` or ``pytorch_model.bin``) and
-    ``scheduler/scheduler_config.json``; ``.fp16`` variants and sharded
+    ``model.safetensors`` or ``pytorch_model.bin``; SDXL also ``text_encoder_2/``, the refiner
+    only that one) and ``scheduler/scheduler_config.json``; ``.fp16`` variants and sharded
     ``*.index.json`` weights are accepted too.
 
-    Returns ``(configs, components)``: ``configs`` maps ``unet`` / ``vae`` /
-    ``text_encoder`` / ``scheduler`` to the config dicts as written in the folder;
-    ``components`` maps ``unet`` / ``vae`` / ``text_encoder`` to state dicts in the
-    diffusers / transformers file layout (text encoder keys start with ``text_model.``
-    whichever transformers version saved them).
+    Returns ``(configs, components)``: ``configs`` maps ``unet`` / ``vae`` / the text encoders /
+    ``scheduler`` to the config dicts as written in the folder; ``components`` maps ``unet`` /
+    ``vae`` / the text encoders to state dicts in the diffusers / transformers file layout
+    (text encoder keys start with ``text_model.`` whichever transformers version saved them;
+    ``text_encoder_2`` also has ``text_projection.weight``).
 
     Raises :class:`CheckpointError` naming every missing part at once, or the
-    architecture if it is not SD 1.x.
+    architecture if it is not one sdrt exports (inpainting, pix2pix).
     """
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"not a diffusers folder: {folder}")
+    texts = _folder_text_encoders(folder)
+    wanted = [n for n in _CONFIG_FILES if not n.startswith("text_encoder") or n in texts]
     missing: list[str] = []
-    for relative in _CONFIG_FILES.values():
-        if not (folder / relative).is_file():
-            missing.append(relative)
+    for name in wanted:
+        if not (folder / _CONFIG_FILES[name]).is_file():
+            missing.append(_CONFIG_FILES[name])
     weight_files: dict[str, str] = {}
-    for component in _WEIGHT_FILES:
+    for component in (n for n in _WEIGHT_FILES if n in wanted):
         candidates = _weight_candidates(component)
         found = next((c for c in candidates if (folder / c).is_file()), None)
         if found is None:
@@ -378,13 +401,16 @@ def load_diffusers_folder(path: str | Path) -> tuple[dict, dict]:
     if missing:
         raise CheckpointError(f"incomplete diffusers folder {folder}: missing {', '.join(missing)}")
 
-    configs = {name: _read_config(folder, relative) for name, relative in _CONFIG_FILES.items()}
-    arch = _folder_architecture(folder, configs)
-    if arch != "sd1":
-        raise CheckpointError(f"{ARCHITECTURE_NAMES[arch]} models are not supported yet (only SD 1.x): {folder}")
+    configs = {name: _read_config(folder, _CONFIG_FILES[name]) for name in wanted}
+    arch = _folder_architecture(configs)
+    if arch not in ("sd1", "sd2", "sdxl", "sdxl-refiner"):
+        raise CheckpointError(f"{ARCHITECTURE_NAMES[arch]} models are not supported yet "
+                              f"(sdrt reads SD 1.x, SD 2.x, SDXL and the SDXL refiner): {folder}")
     check_configs(configs, str(folder))
     components = {name: _load_weights(folder, relative) for name, relative in weight_files.items()}
-    text = components["text_encoder"]
-    if text and not any(k.startswith("text_model.") for k in text):
-        components["text_encoder"] = {f"text_model.{k}": v for k, v in text.items()}
+    for name in texts:
+        text = components[name]
+        if text and not any(k.startswith("text_model.") for k in text):
+            components[name] = {k if k.startswith("text_projection") else f"text_model.{k}": v
+                                for k, v in text.items()}
     return configs, components

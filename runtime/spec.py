@@ -21,7 +21,7 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    name: str  # the bundle sub-folder: text_encoder, unet, vae_decoder, vae_encoder
+    name: str  # the bundle sub-folder: text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     profile: dict[str, tuple[int, int, int]] = field(default_factory=dict)
@@ -67,28 +67,43 @@ _LATENT = (32, 64, 128)
 _BATCH = (1, 2, 8)
 
 
-def text_encoder_spec(hidden_size: int, num_layers: int, dtype: str = "float32") -> ComponentSpec:
+def text_encoder_spec(hidden_size: int, num_layers: int, dtype: str = "float32", *, name: str = "text_encoder",
+                      raw_states: bool = False) -> ComponentSpec:
     """CLIP text tower fed with token embeddings (looked up in the runtime, so textual inversion
     and weighting cost nothing); ``normed_hidden_states[i]`` is the final layer norm applied to
-    the output of layer ``i + 1``, which is what the webui's CLIP skip reads."""
+    the output of layer ``i + 1``, which is what the webui's CLIP skip reads.
+
+    With ``raw_states`` (the SD 2.x and SDXL encoders) a third output ``hidden_states[i]`` is the
+    output of layer ``i + 1`` itself, without the final norm: SDXL conditions on the raw
+    penultimate layer. ``name`` is the component (``text_encoder_2`` for SDXL's second encoder)."""
+    states = (num_layers, "batch", TEXT_TOKENS, hidden_size)
+    raw = (TensorSpec("hidden_states", dtype, states),) if raw_states else ()
     return ComponentSpec(
-        "text_encoder",
+        name,
         inputs=(TensorSpec("inputs_embeds", dtype, ("batch", TEXT_TOKENS, hidden_size)),),
         outputs=(
             TensorSpec("last_hidden_state", dtype, ("batch", TEXT_TOKENS, hidden_size)),
-            TensorSpec("normed_hidden_states", dtype, (num_layers, "batch", TEXT_TOKENS, hidden_size)),
+            TensorSpec("normed_hidden_states", dtype, states),
+            *raw,
         ),
         profile={"batch": (1, 2, 16)},
     )
 
 
-def unet_spec(in_channels: int, out_channels: int, context_dim: int, dtype: str = "float32") -> ComponentSpec:
+def unet_spec(in_channels: int, out_channels: int, context_dim: int, dtype: str = "float32", *,
+              added: tuple[int, int] | None = None) -> ComponentSpec:
+    """The denoiser; ``added`` = (pooled width, number of time ids) for SDXL's added conditioning,
+    the inputs optimum names ``text_embeds`` [batch, pooled] and ``time_ids`` [batch, 6] (the
+    refiner's 5), both in the graph's float dtype."""
+    extra = () if added is None else (TensorSpec("text_embeds", dtype, ("batch", added[0])),
+                                      TensorSpec("time_ids", dtype, ("batch", added[1])))
     return ComponentSpec(
         "unet",
         inputs=(
             TensorSpec("sample", dtype, ("batch", in_channels, "height", "width")),
             TensorSpec("timestep", "float32", ("batch",)),
             TensorSpec("encoder_hidden_states", dtype, ("batch", "sequence", context_dim)),
+            *extra,
         ),
         outputs=(TensorSpec("out_sample", dtype, ("batch", out_channels, "height", "width")),),
         profile={"batch": _BATCH, "height": _LATENT, "width": _LATENT, "sequence": (77, 77, 231)},

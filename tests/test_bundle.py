@@ -14,6 +14,7 @@ from sdrt.runtime.bundle import (
     BETA_SCHEDULES,
     FORMAT_VERSION,
     MANIFEST,
+    SD1_FORMAT_VERSION,
     Manifest,
     PrecisionRecord,
     Variant,
@@ -41,7 +42,7 @@ def test_round_trip(tiny_bundle):
     m = Manifest.from_json(raw, tiny_bundle)
     assert m.to_json() == raw
     assert Manifest.from_json(json.loads(json.dumps(m.to_json())), tiny_bundle) == m
-    assert m.format_version == FORMAT_VERSION and m.default_size == (64, 64)
+    assert m.format_version == SD1_FORMAT_VERSION == 1 and m.default_size == (64, 64)  # sd1: as before
     assert m.text_encoder.token_embeddings == "text_encoder/token_embeddings.npy"
     assert (m.text_encoder.bos_token_id, m.text_encoder.eos_token_id) == (49406, 49407)
     assert m.components["unet"].optimized["cpu"].custom_ops is True

@@ -475,12 +475,12 @@ def test_diffusers_to_ldm_reports_diffusers_names(tiny):
                 "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
             },
             "sdxl",
-            "SDXL checkpoints are not supported yet (only SD 1.x)",
+            "this is an SDXL checkpoint, but the configs given describe SD 1.x",
         ),
         (
             {"conditioner.embedders.0.model.ln_final.weight": (1280,)},
             "sdxl-refiner",
-            "SDXL refiner checkpoints are not supported yet (only SD 1.x)",
+            "this is an SDXL refiner checkpoint, but the configs given describe SD 1.x",
         ),
         (
             {
@@ -488,7 +488,7 @@ def test_diffusers_to_ldm_reports_diffusers_names(tiny):
                 "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
             },
             "sd2",
-            "SD 2.x checkpoints are not supported yet (only SD 1.x)",
+            "this is an SD 2.x checkpoint, but the configs given describe SD 1.x",
         ),
         (
             {
@@ -496,12 +496,12 @@ def test_diffusers_to_ldm_reports_diffusers_names(tiny):
                 "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3),
             },
             "sd1-inpaint",
-            "SD 1.x inpainting checkpoints are not supported yet (only SD 1.x)",
+            "SD 1.x inpainting checkpoints are not supported yet (sdrt reads SD 1.x, SD 2.x, SDXL and the SDXL refiner)",
         ),
         (
             {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 2048)},
             "sdxl",
-            "SDXL checkpoints are not supported yet (only SD 1.x)",
+            "this is an SDXL checkpoint, but the configs given describe SD 1.x",
         ),
         (
             {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)},
@@ -712,12 +712,13 @@ def test_load_diffusers_folder_errors(tmp_path):
     assert "text_encoder/config.json" in message
     assert "unet/diffusion_pytorch_model.safetensors (or diffusion_pytorch_model.bin)" in message
 
-    xl = tmp_path / "xl"
+    xl = tmp_path / "xl"  # SDXL folders are read (tests/test_sdxl_export.py); an empty text_encoder_2 is named
     _write_folder(xl, modules, TINY_A)
     (xl / "text_encoder_2").mkdir()
     with pytest.raises(CheckpointError) as exc:
         load_diffusers_folder(xl)
-    assert _single_line(exc).startswith("SDXL models are not supported yet (only SD 1.x)")
+    assert _single_line(exc) == (f"incomplete diffusers folder {xl}: missing text_encoder_2/config.json, "
+                                 "text_encoder_2/model.safetensors (or pytorch_model.bin)")
 
     with pytest.raises(CheckpointError) as exc:
         load_diffusers_folder(tmp_path / "absent")

@@ -61,6 +61,37 @@ def test_static_profile_sd15_shapes():
     assert profiles.is_static(unet) and not profiles.is_static(text)
 
 
+def test_sdxl_profile_shapes():
+    """SDXL's UNet takes the added conditioning (text_embeds, time_ids) in the guided batch; the second
+    text encoder gets engines like the first, and only the components a bundle has are built."""
+    unet = unet_spec(4, 4, 2048, added=(1280, 6))
+    text_2 = text_encoder_spec(1280, 32, name="text_encoder_2", raw_states=True)
+    s = profiles.build_shapes(width=profiles.dim_range("width", 1024, 768, 1024),
+                             height=profiles.dim_range("height", 1024, 768, 1024),
+                             batch=profiles.dim_range("batch", 1, None, 2))
+    shapes = profiles.profile_shapes(unet, profiles.component_axes(unet, s))
+    assert shapes["sample"] == ((1, 4, 96, 96), (2, 4, 128, 128), (4, 4, 128, 128))
+    assert shapes["encoder_hidden_states"] == ((1, 77, 2048), (2, 77, 2048), (4, 77, 2048))
+    assert shapes["text_embeds"] == ((1, 1280), (2, 1280), (4, 1280))
+    assert shapes["time_ids"] == ((1, 6), (2, 6), (4, 6))
+    assert profiles.profile_shapes(text_2, profiles.component_axes(text_2, s)) == {
+        "inputs_embeds": ((1, 77, 1280), (2, 77, 1280), (16, 77, 1280))}
+    refiner = unet_spec(4, 4, 1280, added=(1280, 5))
+    assert profiles.profile_shapes(refiner, profiles.component_axes(refiner, s))["time_ids"][2] == (4, 5)
+
+    class Bundle:  # has() is all engine_components reads
+        def __init__(self, *names):
+            self.names = names
+
+        def has(self, name):
+            return name in self.names
+
+    assert profiles.engine_components(Bundle("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")) == (
+        "text_encoder", "text_encoder_2", "unet", "vae_decoder")
+    assert profiles.engine_components(Bundle("text_encoder_2", "unet", "vae_decoder")) == (
+        "text_encoder_2", "unet", "vae_decoder")
+
+
 def test_dynamic_profile_shapes():
     s = profiles.build_shapes(width=profiles.dim_range("width", 512, 256, 1024),
                              height=profiles.dim_range("height", 512, 256, 768),

@@ -1,13 +1,22 @@
 """Model configurations shipped with sdrt, so that nothing is ever fetched from a hub.
 
-``sd1/`` holds the diffusers / transformers configurations of Stable Diffusion 1.5:
+One folder per model family, each holding the diffusers / transformers configurations of the
+published models (the values of their hub ``config.json`` files):
 
-* ``unet.json``          -- ``diffusers.UNet2DConditionModel``
-* ``vae.json``           -- ``diffusers.AutoencoderKL``
-* ``text_encoder.json``  -- ``transformers.CLIPTextConfig`` (the ViT-L/14 text tower)
-* ``scheduler.json``     -- the training noise schedule (scaled-linear betas, epsilon prediction)
+* ``sd1/``           -- Stable Diffusion 1.5 (every SD 1.x single file shares these shapes)
+* ``sd2/``           -- SD 2.x 512 "base" (epsilon prediction; stable-diffusion-2-base)
+* ``sd2-v/``         -- SD 2.x 768-v (v prediction; stable-diffusion-2 / 2-1)
+* ``sdxl/``          -- SDXL base 1.0
+* ``sdxl-refiner/``  -- the SDXL 1.0 refiner (no CLIP ViT-L: only ``text_encoder_2``)
 
-All SD 1.x single-file checkpoints (1.4, 1.5 and their fine-tunes) share these shapes.
+with, per folder:
+
+* ``unet.json``            -- ``diffusers.UNet2DConditionModel``
+* ``vae.json``             -- ``diffusers.AutoencoderKL``
+* ``text_encoder.json``    -- ``transformers.CLIPTextConfig``: CLIP ViT-L/14 (SD 1.x, SDXL) or OpenCLIP
+  ViT-H/14 (SD 2.x, 23 of its 24 blocks: the webui's "penultimate" layer, as diffusers ships it)
+* ``text_encoder_2.json``  -- OpenCLIP ViT-bigG/14 as ``CLIPTextModelWithProjection`` (SDXL)
+* ``scheduler.json``       -- the training noise schedule (scaled-linear betas, the prediction type)
 """
 
 from __future__ import annotations
@@ -19,14 +28,27 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 
-#: The components every config set has, in the order they are usually handled.
-CONFIG_NAMES = ("unet", "vae", "text_encoder", "scheduler")
+#: The components a config set may have, in the order they are usually handled.
+CONFIG_NAMES = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
+#: The shipped families (folders beside this file).
+FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "sdxl-refiner")
+#: The conditioning vector's size values per family with ``text_time`` added embeddings: SDXL's
+#: (original size, crop, target size) and the refiner's (original size, crop, aesthetic score).
+TIME_IDS = {"sdxl": 6, "sdxl-refiner": 5}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read(family: str) -> dict:
     folder = _HERE / family
-    return {name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8")) for name in CONFIG_NAMES}
+    return {name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+            for name in CONFIG_NAMES if (folder / f"{name}.json").exists()}
+
+
+def family_configs(family: str) -> dict:
+    """The shipped configs of a family (:data:`FAMILIES`) as ``{component: dict}``; a fresh deep copy."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; shipped: {', '.join(FAMILIES)}")
+    return copy.deepcopy(_read(family))
 
 
 def sd1_configs() -> dict:
@@ -34,7 +56,22 @@ def sd1_configs() -> dict:
 
     Each call returns a fresh deep copy, so callers may modify it freely.
     """
-    return copy.deepcopy(_read("sd1"))
+    return family_configs("sd1")
+
+
+def architecture_of(configs: dict) -> str:
+    """The manifest architecture a config set describes: ``sdxl`` (two text encoders),
+    ``sdxl-refiner`` (only ``text_encoder_2``), ``sd2`` (an OpenCLIP text tower, erf GELU) or ``sd1``."""
+    if configs.get("text_encoder_2") is not None:
+        return "sdxl" if configs.get("text_encoder") is not None else "sdxl-refiner"
+    if (configs.get("text_encoder") or {}).get("hidden_act") == "gelu":
+        return "sd2"
+    return "sd1"
+
+
+def text_encoder_names(configs: dict) -> tuple[str, ...]:
+    """The text encoder components of a config set, in conditioning order."""
+    return tuple(n for n in ("text_encoder", "text_encoder_2") if configs.get(n) is not None)
 
 
 # --- checking configs that come from a file ------------------------------------------------------
@@ -45,6 +82,7 @@ def sd1_configs() -> dict:
 _INT, _INTS, _EITHER, _NUMBER, _NAMES = "int", "ints", "int|ints", "number", "names"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("scaled_linear", "linear")
+_BOOL, _INT_OR_NULL = "bool", "int|null"
 _REQUIRED = {
     "unet": {"sample_size": _INT, "in_channels": _INT, "out_channels": _INT, "block_out_channels": _INTS,
              "down_block_types": _NAMES, "up_block_types": _NAMES, "cross_attention_dim": _INT},
@@ -55,20 +93,30 @@ _REQUIRED = {
 }
 _OPTIONAL = {
     "unet": {"layers_per_block": _EITHER, "attention_head_dim": _EITHER, "norm_num_groups": _INT,
-             "transformer_layers_per_block": _EITHER},
+             "transformer_layers_per_block": _EITHER, "use_linear_projection": _BOOL, "upcast_attention": _BOOL,
+             "addition_embed_type": ("text_time", None), "addition_time_embed_dim": _INT_OR_NULL,
+             "projection_class_embeddings_input_dim": _INT_OR_NULL},
     "vae": {"layers_per_block": _INT, "norm_num_groups": _INT, "sample_size": _INT, "scaling_factor": _NUMBER,
             "down_block_types": _NAMES, "up_block_types": _NAMES},
     "text_encoder": {"vocab_size": _INT, "max_position_embeddings": _INT, "projection_dim": _INT,
-                     "layer_norm_eps": _NUMBER},
+                     "layer_norm_eps": _NUMBER, "hidden_act": ("quick_gelu", "gelu")},
     "scheduler": {"num_train_timesteps": _INT, "beta_schedule": BETA_SCHEDULES,
                   "prediction_type": PREDICTION_TYPES},
 }
+# The second text encoder (OpenCLIP bigG) has the first one's fields and must have its projection
+_REQUIRED["text_encoder_2"] = {**_REQUIRED["text_encoder"], "projection_dim": _INT}
+_OPTIONAL["text_encoder_2"] = {k: v for k, v in _OPTIONAL["text_encoder"].items() if k != "projection_dim"}
 
 
 def check_configs(configs, where: str) -> dict:
     """``configs`` when it is a config set sdrt can build a model from, else a one-line
     ``CheckpointError`` naming ``where`` and the field: checked before any module is built, so a
-    file's wrong metadata never reaches torch or diffusers."""
+    file's wrong metadata never reaches torch or diffusers.
+
+    ``text_encoder`` is required except for the SDXL refiner (``text_encoder_2`` only); with two
+    encoders the UNet's cross attention takes their states side by side (768 + 1280 = 2048 for
+    SDXL), and ``text_time`` added embeddings must fit the second encoder's pooled projection and
+    the family's time ids (:data:`TIME_IDS`)."""
     from sdrt.runtime.errors import CheckpointError
 
     def fail(name: str, problem: str) -> CheckpointError:
@@ -76,8 +124,11 @@ def check_configs(configs, where: str) -> dict:
 
     if not isinstance(configs, dict):
         raise fail("configs", f"must be an object of {'/'.join(CONFIG_NAMES)}, got {type(configs).__name__}")
+    optional = {"text_encoder_2"} | ({"text_encoder"} if configs.get("text_encoder_2") is not None else set())
     for component in CONFIG_NAMES:
         config = configs.get(component)
+        if config is None and component in optional:
+            continue
         if not isinstance(config, dict):
             raise fail(component, "is missing" if config is None else
                        f"must be a config object, got {_short(config)}")
@@ -90,7 +141,8 @@ def check_configs(configs, where: str) -> dict:
             problem = _field_problem(config[key], kind)
             if problem:
                 raise fail(f"{component}.{key}", f"{problem}, got {_short(config[key])}")
-    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    unet, vae = configs["unet"], configs["vae"]
+    texts = [(name, configs[name]) for name in text_encoder_names(configs)]
     n = len(unet["block_out_channels"])
     for key in ("down_block_types", "up_block_types"):
         if len(unet[key]) != n:
@@ -107,12 +159,16 @@ def check_configs(configs, where: str) -> dict:
     for c, h in zip(unet["block_out_channels"], heads if isinstance(heads, list) else [heads] * n):
         if c % h:
             raise fail("unet.attention_head_dim", f"{h} does not divide the block width {c}")
-    if text["hidden_size"] % text["num_attention_heads"]:
-        raise fail("text_encoder.num_attention_heads", f"{text['num_attention_heads']} does not divide "
-                   f"hidden_size {text['hidden_size']}")
-    if unet["cross_attention_dim"] != text["hidden_size"]:
-        raise fail("unet.cross_attention_dim", f"{unet['cross_attention_dim']} differs from the text encoder's "
-                   f"hidden_size {text['hidden_size']}")
+    for name, text in texts:
+        if text["hidden_size"] % text["num_attention_heads"]:
+            raise fail(f"{name}.num_attention_heads", f"{text['num_attention_heads']} does not divide "
+                       f"hidden_size {text['hidden_size']}")
+    width = sum(text["hidden_size"] for _, text in texts)
+    if unet["cross_attention_dim"] != width:
+        whose = ("the text encoder's hidden_size" if len(texts) == 1 and texts[0][0] == "text_encoder" else
+                 f"the sum of {' + '.join(f'{n}.hidden_size' for n, _ in texts)}")
+        raise fail("unet.cross_attention_dim", f"{unet['cross_attention_dim']} differs from {whose} {width}")
+    _check_added_embeddings(configs, fail)
     if unet["in_channels"] != vae["latent_channels"]:
         raise fail("unet.in_channels", f"{unet['in_channels']} differs from vae.latent_channels "
                    f"{vae['latent_channels']}")
@@ -124,13 +180,34 @@ def check_configs(configs, where: str) -> dict:
     return configs
 
 
+def _check_added_embeddings(configs: dict, fail) -> None:
+    """SDXL's ``text_time`` conditioning: present exactly when there is a second text encoder, and
+    ``projection_class_embeddings_input_dim`` = pooled width + time ids x ``addition_time_embed_dim``."""
+    unet, arch = configs["unet"], architecture_of(configs)
+    added = unet.get("addition_embed_type")
+    if arch not in TIME_IDS:
+        if added is not None:
+            raise fail("unet.addition_embed_type", f"{added!r} needs a second text encoder (text_encoder_2)")
+        return
+    if added != "text_time":
+        raise fail("unet.addition_embed_type", f"must be 'text_time' with text_encoder_2, got {_short(added)}")
+    for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        if unet.get(key) is None:
+            raise fail(f"unet.{key}", "is missing")
+    want = configs["text_encoder_2"]["projection_dim"] + TIME_IDS[arch] * unet["addition_time_embed_dim"]
+    if unet["projection_class_embeddings_input_dim"] != want:
+        raise fail("unet.projection_class_embeddings_input_dim",
+                   f"{unet['projection_class_embeddings_input_dim']} differs from text_encoder_2.projection_dim + "
+                   f"{TIME_IDS[arch]} x addition_time_embed_dim = {want}")
+
+
 def _field_problem(value, kind) -> str | None:
     """What is wrong with a config value for its kind, or None."""
     def positive_int(v):
         return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
     if isinstance(kind, tuple):
-        return None if value in kind else f"must be one of {', '.join(kind)}"
+        return None if value in kind else f"must be one of {', '.join('null' if k is None else k for k in kind)}"
     if kind == _INT:
         return None if positive_int(value) else "must be a positive integer"
     if kind in (_INTS, _EITHER):
@@ -138,6 +215,10 @@ def _field_problem(value, kind) -> str | None:
             return None
         ok = isinstance(value, list) and value and all(positive_int(v) for v in value)
         return None if ok else "must be a non-empty list of positive integers"
+    if kind == _INT_OR_NULL:
+        return None if value is None or positive_int(value) else "must be a positive integer or null"
+    if kind == _BOOL:
+        return None if value is None or isinstance(value, bool) else "must be true, false or null"
     if kind == _NUMBER:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
         return None if ok else "must be a positive finite number"

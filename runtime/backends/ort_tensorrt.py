@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
-
 from sdrt.runtime.backends.cache import (
     ENGINE_FORMAT,
     ENGINES_DIR,
@@ -28,9 +27,19 @@ from sdrt.runtime.backends.cache import (
     file_lock,
     graph_digest,
 )
-from sdrt.runtime.backends.gpu import GpuIdentity, gpu_identity, tensorrt_ep_options, tensorrt_version
+from sdrt.runtime.backends.gpu import (
+    GpuIdentity,
+    gpu_identity,
+    tensorrt_ep_options,
+    tensorrt_version,
+)
 from sdrt.runtime.backends.onnxruntime import Session, providers_for
-from sdrt.runtime.backends.profiles import ENGINE_COMPONENTS, BuildShapes, bundle_spec, profile_shapes
+from sdrt.runtime.backends.profiles import (
+    BuildShapes,
+    bundle_spec,
+    engine_components,
+    profile_shapes,
+)
 
 EP_RECORD = "sdrt-profile.json"
 
@@ -85,12 +94,12 @@ def record_ep_key(cache_dir: Path, key: EngineKey) -> None:
 
 
 def build_ep_engines(bundle, shapes: BuildShapes, *, precision: str = "fp16",
-                     components: tuple[str, ...] = ENGINE_COMPONENTS, force: bool = False, device_id: int = 0,
+                     components: tuple[str, ...] | None = None, force: bool = False, device_id: int = 0,
                      on_event: Callable[[dict], None] | None = None) -> list[BuildResult]:
     """Have ONNX Runtime's TensorRT EP build its engines for ``shapes`` into the keyed cache
     directories (creating the session builds them), and record the profile for ``generate``."""
     results = []
-    for name in components:
+    for name in engine_components(bundle) if components is None else components:
         options, lock, key = ep_session_setup(bundle, name, device_id, False, shapes, precision)
         cache_dir = Path(options["trt_engine_cache_path"])
         with file_lock(lock, on_wait=lambda: on_event and on_event({"event": "waiting", "component": name})):

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.spec import TEXT_TOKENS, ComponentSpec
 
-ENGINE_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+ENGINE_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")  # those a bundle has (SDXL: both
+# text encoders; the refiner: text_encoder_2 only)
 PRECISIONS = ("fp16", "fp32")
 
 Range = tuple[int, int, int]
@@ -83,7 +84,7 @@ def component_axes(spec: ComponentSpec, shapes: BuildShapes, vae_scale_factor: i
     def latent(r: Range) -> Range:
         return tuple(v // f for v in r)
 
-    if spec.name == "text_encoder":
+    if spec.name in ("text_encoder", "text_encoder_2"):
         return {"batch": spec.profile.get("batch", (1, 2, 16))}
     if spec.name == "unet":
         b = shapes.batch
@@ -98,6 +99,11 @@ def component_axes(spec: ComponentSpec, shapes: BuildShapes, vae_scale_factor: i
     if spec.name == "vae_encoder":
         return {"batch": (1, 1, 1), "image_height": shapes.height, "image_width": shapes.width}
     raise SdrtError(f"no engine profile for component {spec.name!r}")
+
+
+def engine_components(bundle) -> tuple[str, ...]:
+    """The components of ``bundle`` that get engines, in build order."""
+    return tuple(name for name in ENGINE_COMPONENTS if bundle.has(name))
 
 
 def profile_shapes(spec: ComponentSpec, axes: dict[str, Range]) -> Shapes:

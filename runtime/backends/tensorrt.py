@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
 from sdrt.runtime.backends.base import Backend, Port, ports
 from sdrt.runtime.backends.cache import (
     ENGINE_FORMAT,
@@ -29,13 +28,13 @@ from sdrt.runtime.backends.cache import (
 )
 from sdrt.runtime.backends.gpu import GpuIdentity, gpu_identity
 from sdrt.runtime.backends.profiles import (
-    ENGINE_COMPONENTS,
     PRECISIONS,
     BuildShapes,
     Shapes,
     bundle_spec,
     covers,
     describe,
+    engine_components,
     is_static,
 )
 from sdrt.runtime.errors import SdrtError
@@ -264,7 +263,7 @@ class EngineComponent(Backend):
 # --- building a bundle's engines -----------------------------------------------------------------
 
 def build_engines(bundle, shapes: BuildShapes, *, precision: str = "fp16",
-                  components: tuple[str, ...] = ENGINE_COMPONENTS, force: bool = False,
+                  components: tuple[str, ...] | None = None, force: bool = False,
                   builder: Callable[[Path, Shapes, str], bytes] | None = None,
                   identity: GpuIdentity | None = None, tensorrt: str | None = None, device_id: int = 0,
                   on_event: Callable[[dict], None] | None = None) -> list[BuildResult]:
@@ -274,6 +273,7 @@ def build_engines(bundle, shapes: BuildShapes, *, precision: str = "fp16",
     GPU and the installed TensorRT; passing them builds without TensorRT (tests)."""
     if precision not in PRECISIONS:
         raise SdrtError(f"unknown engine precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    components = engine_components(bundle) if components is None else components
     for name in components:
         if not bundle.has(name):
             raise SdrtError(f"bundle {bundle.path} has no {name} graph")

@@ -13,6 +13,9 @@ from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.sampling import schedules
 
 
+ADDED_INPUTS = ("text_embeds", "time_ids")  # SDXL's UNet inputs beside encoder_hidden_states
+
+
 class Denoiser:
     """A UNet session as a denoiser D(x, sigma, context) over the discrete DDPM sigmas."""
 
@@ -28,6 +31,8 @@ class Denoiser:
         self.integer_timestep = np.issubdtype(unet.input_dtype("timestep"), np.integer)
         # The timestep's declared shape: [] (a scalar: optimum >= 2), [1] or [batch / "steps"]
         self.timestep_shape = list(unet.inputs["timestep"].shape or [])
+        # SDXL's added conditioning (optimum's names), fed from a context dict
+        self.added_inputs = tuple(n for n in ADDED_INPUTS if n in unet.inputs)
 
     @property
     def sigmas(self) -> np.ndarray:
@@ -44,14 +49,26 @@ class Denoiser:
         n = 1 if self.timestep_shape[0] == 1 else batch
         return np.full((n,), t, dtype=np.float64)
 
-    def run_unet(self, x: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
-        """The raw network output for input ``x`` at (fractional) timestep ``t``."""
+    def run_unet(self, x: np.ndarray, t: float, context: np.ndarray | dict) -> np.ndarray:
+        """The raw network output for input ``x`` at (fractional) timestep ``t``.
+
+        ``context``: the cross-attention states [batch, tokens, width], or a dict of UNet feeds
+        holding them as ``encoder_hidden_states`` beside SDXL's ``text_embeds`` and ``time_ids``
+        (the webui's dict conditioning: ``crossattn`` and ``vector``)."""
         if self.integer_timestep:
             t = float(np.rint(t))
-        return self.unet.run({"sample": x, "timestep": self.timestep(t, x.shape[0]), "encoder_hidden_states": context},
-                             ["out_sample"])["out_sample"].astype(x.dtype, copy=False)
+        feeds = {"sample": x, "timestep": self.timestep(t, x.shape[0])}
+        if isinstance(context, dict):
+            feeds.update(context)
+        else:
+            feeds["encoder_hidden_states"] = context
+        missing = [n for n in self.added_inputs if n not in feeds]
+        if missing:
+            raise SdrtError(f"this UNet needs SDXL's added conditioning ({', '.join(missing)}); the conditioning "
+                            "given has none")
+        return self.unet.run(feeds, ["out_sample"])["out_sample"].astype(x.dtype, copy=False)
 
-    def __call__(self, x: np.ndarray, sigma: float, context: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, sigma: float, context: np.ndarray | dict) -> np.ndarray:
         c_in = 1.0 / (sigma**2 + 1.0) ** 0.5
         out = self.run_unet(x * np.float32(c_in), self.sigma_to_t(sigma), context)
         if self.prediction_type == "epsilon":
@@ -74,7 +91,7 @@ class EpsTimestepModel:
         self.denoiser = denoiser
         self.alphas_cumprod = denoiser.alphas_cumprod
 
-    def __call__(self, x: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, t: float, context: np.ndarray | dict) -> np.ndarray:
         out = self.denoiser.run_unet(x, t, context)
         if self.denoiser.prediction_type == "epsilon":
             return out
@@ -104,7 +121,7 @@ class LCMDenoiser:
         self.schedule = schedules.DiscreteSchedule(schedules.model_sigmas(valid), t_scale=skip,
                                                    t_offset=skip - 1, quantize=True)
 
-    def __call__(self, x: np.ndarray, sigma: float, context: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, sigma: float, context: np.ndarray | dict) -> np.ndarray:
         t = float(self.schedule.sigma_to_t(np.array([sigma]))[0])
         c_in = 1.0 / (sigma**2 + 1.0) ** 0.5
         eps = self.denoiser.run_unet(x * np.float32(c_in), t, context)
@@ -114,6 +131,29 @@ class LCMDenoiser:
         c_skip = 0.25 / (scaled_t**2 + 0.25)
         c_out = scaled_t / (scaled_t**2 + 0.25) ** 0.5
         return denoised * np.float32(c_out) + x * np.float32(c_skip)
+
+
+class RefinerSwitch:
+    """The webui's refiner switch (``sd_samplers_common.apply_refiner``): at the first denoiser call
+    whose sigma has reached ``switch_at`` of the way through the training timesteps, the second
+    model takes over with its own conditioning, for the rest of the sampling.
+
+    The call's "completed ratio" is ``(999 - t) / 1000``: ``t`` the index of the model sigma nearest
+    to the call's sigma (``table``, the denoiser's sigmas; LCM's 50), or the timestep itself for
+    DDIM / PLMS / UniPC (``table`` None). ``model`` is the refiner's inner model (of the same kind
+    as the base's); ``conds()`` its (cond, uncond), computed at the switch as the webui's
+    ``setup_conds``. ``switched`` tells afterwards whether it happened."""
+
+    def __init__(self, switch_at: float, table: np.ndarray | None, model, conds):
+        self.switch_at = float(switch_at)
+        self.table = None if table is None else np.asarray(table, dtype=np.float32)
+        self.model, self.conds = model, conds
+        self.switched = False
+
+    def due(self, sigma) -> bool:
+        s = float(np.max(sigma))
+        t = int(s) if self.table is None else int(np.argmin(np.abs(self.table - np.float32(s))))
+        return (999 - t) / 1000 >= self.switch_at
 
 
 class CFGDenoiser:
@@ -132,7 +172,9 @@ class CFGDenoiser:
     skipped: the result is the conditional prediction either way. A sampler that needs the
     unconditional prediction itself (DDIM CFG++) sets ``keep_uncond``: the shortcut is then off
     and each call leaves its unconditional rows in ``last_uncond`` (the webui's
-    ``need_last_noise_uncond`` and ``last_noise_uncond``).
+    ``need_last_noise_uncond`` and ``last_noise_uncond``). SDXL's schedules carry a pooled vector
+    per entry and the size conditioning (``CondSchedule.added_at``): they go to the model beside
+    the states, row for row, as a dict of UNet feeds (the webui's dict conditioning).
     """
 
     def __init__(self, model, cond, uncond, cfg_scale: float):
@@ -143,8 +185,21 @@ class CFGDenoiser:
         self.step = 0
         self.keep_uncond = False
         self.last_uncond: np.ndarray | None = None
+        self.refiner: RefinerSwitch | None = None
         if isinstance(cond, np.ndarray) and isinstance(uncond, np.ndarray) and cond.shape[2:] != uncond.shape[2:]:
             raise SdrtError(f"conditioning widths differ: {cond.shape} vs {uncond.shape}")
+
+    def added_at(self, step: int) -> tuple[list[dict] | None, dict | None]:
+        """SDXL: each part's and the uncond's added conditioning ({name: [dim]}) for call ``step``;
+        (None, None) for conditioning without it."""
+        if isinstance(self.cond, np.ndarray) or isinstance(self.uncond, np.ndarray):
+            return None, None
+        parts, uncond = self.cond.added_at(step), self.uncond.added_at(step)
+        if uncond is None and all(a is None for a in parts):
+            return None, None
+        if uncond is None or any(a is None for a in parts):
+            raise SdrtError("the prompt and negative prompt conditioning differ in their added (SDXL) conditioning")
+        return parts, uncond
 
     def conds_at(self, step: int) -> tuple[list[tuple[np.ndarray, float]], np.ndarray]:
         """([(cond [1 or batch, tokens, width], weight), ...], uncond) for call number ``step``."""
@@ -156,7 +211,12 @@ class CFGDenoiser:
         return parts, uncond
 
     def __call__(self, x: np.ndarray, sigma) -> np.ndarray:
+        if self.refiner is not None and not self.refiner.switched and self.refiner.due(sigma):
+            self.model = self.refiner.model
+            self.cond, self.uncond = self.refiner.conds()
+            self.refiner.switched = True
         parts, uncond = self.conds_at(self.step)
+        added_parts, added_uncond = self.added_at(self.step)
         self.step += 1
         n = x.shape[0]
 
@@ -165,19 +225,34 @@ class CFGDenoiser:
                 raise SdrtError(f"conditioning for {len(c)} images, latents for {n}")
             return np.broadcast_to(c, (n, *c.shape[1:])) if len(c) == 1 else c
 
+        def context(ctx, added, repeat=1):
+            """The UNet's feeds: the states, and SDXL's added conditioning of each row (``added``:
+            one dict per part, the rows ordered image by image, then part by part)."""
+            ctx = np.ascontiguousarray(ctx)
+            if added is None:
+                return ctx
+            return {"encoder_hidden_states": ctx,
+                    **{name: np.tile(np.stack([a[name] for a in added]), (repeat, 1)) for name in added[0]}}
+
         if self.cfg_scale == 1.0 and len(parts) == 1 and parts[0][1] == 1.0 and not self.keep_uncond:
-            return self.model(x, sigma, np.ascontiguousarray(rows(parts[0][0])))
+            return self.model(x, sigma, context(rows(parts[0][0]), added_parts, n))
         k = len(parts)
         # Row i * k + j: image i with part j (the webui's x_in order), then one uncond row per image
         cond_ctx = np.stack([rows(c) for c, _ in parts], axis=1).reshape(n * k, *parts[0][0].shape[1:])
         x_cond = np.repeat(x, k, axis=0) if k > 1 else x
         uncond_ctx = rows(uncond)
+        added_u = None if added_uncond is None else [added_uncond]
         if cond_ctx.shape[1] == uncond_ctx.shape[1]:
-            out = self.model(np.concatenate([x_cond, x]), sigma, np.concatenate([cond_ctx, uncond_ctx]))
+            if added_parts is None:
+                both = np.concatenate([cond_ctx, uncond_ctx])
+            else:
+                c, u = context(cond_ctx, added_parts, n), context(uncond_ctx, added_u, n)
+                both = {name: np.concatenate([c[name], u[name]]) for name in c}
+            out = self.model(np.concatenate([x_cond, x]), sigma, both)
             out_cond, out_uncond = out[:n * k], out[n * k:]
         else:
-            out_cond = self.model(x_cond, sigma, cond_ctx)
-            out_uncond = self.model(x, sigma, np.ascontiguousarray(uncond_ctx))
+            out_cond = self.model(x_cond, sigma, context(cond_ctx, added_parts, n))
+            out_uncond = self.model(x, sigma, context(uncond_ctx, added_u, n))
         out_cond = out_cond.reshape(n, k, *out_cond.shape[1:])
         if self.keep_uncond:
             self.last_uncond = out_uncond

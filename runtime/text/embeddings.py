@@ -3,7 +3,8 @@
 Files: the webui's ``.pt`` (``{"string_to_param": {"*": tensor[n, width]}, "name", "step", ...}``,
 also with an ``nn.ParameterDict`` as old trainers saved it), diffusers concept ``.bin``
 (``{"<token>": tensor[width]}``), both torch zip pickles, and ``.safetensors`` holding one tensor
-(``emb_params`` or any other key). Pickles go through an unpickler that builds only tensors and
+(``emb_params`` or any other key), or SDXL's two (``clip_l`` and ``clip_g``, one per text
+encoder). Pickles go through an unpickler that builds only tensors and
 plain containers; any other global in the file is refused by name, so loading an embedding can
 never run code. Tensors are read straight from the zip members.
 
@@ -57,7 +58,8 @@ _STORAGE_DTYPES = {
     "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
     "ByteStorage": "u1", "BoolStorage": "?",
 }
-_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": _BF16, "I64": "<i8", "I32": "<i4"}
+_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": _BF16, "I64": "<i8", "I32": "<i4",
+                       "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}  # (IA)^3 files hold on_input as BOOL
 
 
 def _widen(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -222,10 +224,25 @@ def _naturals(values) -> bool:
 # -- embeddings --
 
 
-def _vectors_of(data, path: Path) -> tuple[np.ndarray, int | None]:
-    """The embedding tensor of a loaded file, as the webui's ``create_embedding_from_data`` finds it."""
+def _vectors_of(data, path: Path, key: str | None = None) -> tuple[np.ndarray, int | None]:
+    """The embedding tensor of a loaded file, as the webui's ``create_embedding_from_data`` finds it.
+
+    ``key``: for SDXL's text encoders, ``clip_l`` or ``clip_g``, the part of an SDXL embedding
+    (``{"clip_l": [n, 768], "clip_g": [n, 1280]}``) that encoder takes (the webui's
+    ``textual_inversion_key``); other files are refused then, as the webui skips them for their
+    width."""
     step = None
-    if isinstance(data, dict) and "string_to_param" in data:
+    sdxl = isinstance(data, dict) and "clip_g" in data and "clip_l" in data
+    if key is not None:
+        if not sdxl:
+            raise SdrtError(f"{path}: an SD 1.x/2.x embedding; this SDXL model takes SDXL embeddings "
+                            "(clip_l + clip_g)")
+        shapes = {k: getattr(data[k], "shape", None) for k in ("clip_l", "clip_g")}
+        if any(s is None or len(s) != 2 for s in shapes.values()) or shapes["clip_l"][0] != shapes["clip_g"][0]:
+            raise SdrtError(f"{path}: an SDXL embedding's clip_l and clip_g are [vectors, width] with as many "
+                            f"vectors; these are {', '.join(f'{k} {list(s or [])}' for k, s in shapes.items())}")
+        vectors = data[key]
+    elif isinstance(data, dict) and "string_to_param" in data:
         params = data["string_to_param"]
         params = getattr(params, "_parameters", params)  # an nn.ParameterDict from old trainers
         if not isinstance(params, dict) or len(params) != 1:
@@ -233,7 +250,7 @@ def _vectors_of(data, path: Path) -> tuple[np.ndarray, int | None]:
                             f"{len(params) if isinstance(params, dict) else 'no'} terms")
         vectors = next(iter(params.values()))
         step = data.get("step")
-    elif isinstance(data, dict) and "clip_g" in data and "clip_l" in data:
+    elif sdxl:
         raise SdrtError(f"{path}: an SDXL embedding (clip_l + clip_g); this model takes SD 1.x/2.x embeddings")
     elif isinstance(data, dict) and data and isinstance(next(iter(data.values())), np.ndarray):
         if len(data) != 1:
@@ -251,9 +268,9 @@ def _vectors_of(data, path: Path) -> tuple[np.ndarray, int | None]:
     return np.ascontiguousarray(vectors, dtype=np.float32), (int(step) if isinstance(step, int) else None)
 
 
-def load_embedding(path: str | os.PathLike, name: str | None = None) -> Embedding:
+def load_embedding(path: str | os.PathLike, name: str | None = None, key: str | None = None) -> Embedding:
     """One embedding file; its name defaults to the file stem (as in the webui, even for ``.pt``
-    files that carry a ``name``)."""
+    files that carry a ``name``). ``key``: the SDXL encoder's part (``_vectors_of``)."""
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
@@ -262,7 +279,7 @@ def load_embedding(path: str | os.PathLike, name: str | None = None) -> Embeddin
         data = read_safetensors(path)
     else:
         data = read_torch_pickle(path)
-    vectors, step = _vectors_of(data, path)
+    vectors, step = _vectors_of(data, path, key)
     if not np.all(np.isfinite(vectors)):
         raise SdrtError(f"{path}: the embedding holds NaN or infinite values")
     h = hashlib.sha256()
@@ -280,8 +297,9 @@ class EmbeddingLibrary:
     one later in sorted path order wins (the webui: the one its directory walk loads last).
     """
 
-    def __init__(self, folders, tokenizer, width: int | None = None):
+    def __init__(self, folders, tokenizer, width: int | None = None, key: str | None = None):
         self.width = width
+        self.key = key  # SDXL: clip_l or clip_g, the part of SDXL embedding files this encoder takes
         self.paths: dict[str, Path] = {}
         for folder in [folders] if isinstance(folders, (str, os.PathLike)) else folders:
             folder = Path(folder)
@@ -311,7 +329,7 @@ class EmbeddingLibrary:
     def get(self, name: str) -> Embedding:
         """The embedding called ``name``, loaded on first use and checked against the model."""
         if name not in self._loaded:
-            emb = load_embedding(self.paths[name], name)
+            emb = load_embedding(self.paths[name], name, self.key)
             n, width = emb.vectors.shape
             if self.width is not None and width != self.width:
                 raise SdrtError(f"embedding {name!r} ({emb.path.name}) has {width}-wide vectors; this model's "

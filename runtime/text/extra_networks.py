@@ -9,7 +9,8 @@ arguments are split at ``:``; an argument with a single ``=`` is named (``te=0.8
 are positional (the webui's ``ExtraNetworkParams``).
 
 Only the positive prompt is read so: the webui leaves tags in the negative prompt, where CLIP
-encodes them as text.
+encodes them as text. ``<lora:...>`` (and ``<lyco:...>``) tags are applied by the pipeline
+(``runtime/networks/apply.py``: merged weights, docs/NETWORKS.md); hypernetworks are not yet.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sdrt.runtime.errors import SdrtError
 
 # The webui's registered types: lora (its Lora extension, with lyco an alias) and hypernet
 NETWORK_TYPES = ("lora", "lyco", "hypernet")
+LORA_TYPES = ("lora", "lyco")  # applied by runtime/networks
 
 _TAG = re.compile(r"<(\w+):([^>]+)>")
 
