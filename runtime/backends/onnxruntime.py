@@ -100,6 +100,8 @@ class Session(Backend):
         self._provider_options = provider_options
         self._lock = lock
         self._io = io
+        self._overrides = None  # initializer values the session is made with (runtime/networks)
+        self._override_values: list = []
         self._session: ort.InferenceSession | None = None
         self._binding = None
         self._inputs: dict | None = None
@@ -115,6 +117,7 @@ class Session(Backend):
         if self._session is not None:
             return
         opts = session_options(self.threads, self.kind)
+        values = self._overrides.add_to(opts, self.path) if self._overrides is not None else []
         custom_ops = kernels.available()
         options = {_PROVIDERS["tensorrt"]: self._provider_options} if self.kind == "tensorrt" else {}
         providers = providers_for(self.device, options, self.cuda_graph)
@@ -124,7 +127,8 @@ class Session(Backend):
         guard = file_lock(self._lock) if self._lock is not None else contextlib.nullcontext()
         try:
             with guard:
-                session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+                model = self._overrides.model(self.path) if self._overrides is not None else str(self.path)
+                session = ort.InferenceSession(model, sess_options=opts, providers=providers)
         except SdrtError:
             raise
         except Exception as e:  # onnxruntime raises its own exception types with long messages
@@ -140,6 +144,7 @@ class Session(Backend):
             if name not in used:  # ORT fell back (a CUDA / TensorRT library failed to load)
                 raise SdrtError(gpu.provider_start_failure(name))
         self._session = session
+        self._override_values = values  # ONNX Runtime reads them in place: they live with the session
         # Plain copies: ORT's NodeArgs keep their session alive, which would defeat release()
         self._inputs = {i.name: Port(i.name, i.type, list(i.shape)) for i in session.get_inputs()}
         self._outputs = [o.name for o in session.get_outputs()]
@@ -149,6 +154,20 @@ class Session(Backend):
     def release(self) -> None:
         self._session = None
         self._binding = None
+        self._override_values = []
+
+    def set_overrides(self, overrides) -> None:
+        """Make the session with these initializer values from now on (``runtime/networks``'
+        ``Overrides``: ``add_to(options)`` puts some into the session options, ``model(path)`` gives
+        the graph to load, its own file or its bytes with the others written in), or with the
+        graph's own (None). A loaded session is made again now, an unloaded one at its next run."""
+        if overrides is self._overrides:
+            return
+        loaded = self.loaded
+        self.release()
+        self._overrides = overrides
+        if loaded:
+            self.load()
 
     @property
     def inputs(self) -> dict[str, Port]:
