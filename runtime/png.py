@@ -100,11 +100,14 @@ def next_sequence_number(folder: Path) -> int:
     return best + 1
 
 
-def _write_partial(image: Image.Image, folder: Path, parameters: str) -> str:
-    """The PNG with its ``parameters`` text, in a temporary file in ``folder``; returns its path."""
+def _write_partial(image: Image.Image, folder: Path, parameters: str | None, extra: dict | None = None) -> str:
+    """The PNG with its ``parameters`` text (and ``extra`` text chunks), in a temporary file in
+    ``folder``; returns its path."""
     folder.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
+    for key, text in {"parameters": parameters, **(extra or {})}.items():
+        if text is not None:
+            info.add_text(key, text)
     fd, tmp = tempfile.mkstemp(prefix=".sdrt-", suffix=".png.partial", dir=folder)
     try:
         umask = os.umask(0)
@@ -118,14 +121,16 @@ def _write_partial(image: Image.Image, folder: Path, parameters: str) -> str:
     return tmp
 
 
-def save_png(image: Image.Image, folder: str | Path, seed: int, parameters: str) -> Path:
-    """Write ``NNNNN-SEED.png`` atomically (temporary file, then a link that never overwrites)."""
+def save_png(image: Image.Image, folder: str | Path, seed: int | None, parameters: str | None,
+             extra: dict | None = None) -> Path:
+    """Write ``NNNNN-SEED.png`` (``NNNNN.png`` without a seed, as the webui's extras) atomically
+    (temporary file, then a link that never overwrites); ``extra``: more text chunks."""
     folder = Path(folder)
-    tmp = _write_partial(image, folder, parameters)
+    tmp = _write_partial(image, folder, parameters, extra)
     try:
         number = next_sequence_number(folder)
         while True:
-            target = folder / f"{number:05}-{seed}.png"
+            target = folder / (f"{number:05}.png" if seed is None else f"{number:05}-{seed}.png")
             try:
                 os.link(tmp, target)
                 return target

@@ -72,3 +72,23 @@ def run_sdrt(*args, env_extra: dict | None = None, pythonpath_first: Path | None
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath_first), env.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "sdrt.cli", *map(str, args)], capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+# -- the PyTorch reference of the tiny model (img2img, inpainting, hires fix) --
+
+@pytest.fixture(scope="module")
+def ref(tiny_checkpoint, tiny_bundle):
+    """The tiny model's PyTorch reference (diffusers modules; ``sdrt verify``'s)."""
+    import torch
+    from sdrt.export.reference import TorchReference
+
+    torch.set_grad_enabled(False)
+    return TorchReference(tiny_checkpoint, tiny_bundle / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def kd():
+    """k-diffusion's sampling module (the samplers' reference)."""
+    from test_samplers import load_k_diffusion_sampling
+
+    return load_k_diffusion_sampling()

@@ -25,7 +25,7 @@ from sdrt.runtime.pipeline.img2img import (
 from sdrt.runtime.pipeline.params import GenerationParams, Img2imgParams
 from sdrt.runtime.pipeline.txt2img import to_uint8
 from test_sampler_e2e import Generators
-from test_samplers import SD_SCHEDULER, TorchShim, load_k_diffusion_sampling
+from test_samplers import SD_SCHEDULER, TorchShim
 
 torch = pytest.importorskip("torch")
 
@@ -45,19 +45,6 @@ def init_image(width: int, height: int, seed: int = 0) -> Image.Image:
 @pytest.fixture(scope="module")
 def pipe(tiny_bundle):
     return Img2imgPipeline(tiny_bundle)
-
-
-@pytest.fixture(scope="module")
-def ref(tiny_checkpoint, tiny_bundle):
-    from sdrt.export.reference import TorchReference
-
-    torch.set_grad_enabled(False)
-    return TorchReference(tiny_checkpoint, tiny_bundle / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def kd():
-    return load_k_diffusion_sampling()
 
 
 # ---- the webui's step arithmetic -------------------------------------------------------------
@@ -251,10 +238,10 @@ def test_infotext_has_denoising_strength_in_webui_order(pipe):
     assert order == sorted(order)
 
 
-def test_txt2img_still_ignores_denoising_strength(tiny_pipeline):
+def test_txt2img_takes_denoising_strength_for_hires_fix_only(tiny_pipeline):
     p = GenerationParams.from_webui({"prompt": "x", "denoising_strength": 0.3, "override_settings":
                                      {"img2img_fix_steps": True}})
-    assert not hasattr(p, "denoising_strength")
+    assert p.denoising_strength == 0.3 and not p.enable_hr and not hasattr(p, "img2img_fix_steps")
     with pytest.raises(SdrtError, match="unknown generation parameter 'init_images'"):
         GenerationParams.from_webui({"prompt": "x", "init_images": []})
     q = Img2imgParams.from_webui({"prompt": "x", "denoising_strength": 0.3, "mask": None, "inpainting_fill": 1,
@@ -275,7 +262,8 @@ def test_txt2img_still_ignores_denoising_strength(tiny_pipeline):
     ({"batch_size": 1, "init_images": [Image.new("RGB", (8, 8))] * 2}, "2 init images for batch size 1"),
     ({"init_images": [Image.new("I;16", (64, 64))]}, "init image mode I;16 \\(16-bit pixels\\) is not supported"),
     ({"sampler_name": "UniPC"}, "'UniPC' does not support img2img"),
-    ({"mask": Image.new("L", (8, 8))}, "mask=.* is not supported by sdrt yet"),
+    ({"mask": Image.new("L", (8, 8)), "inpainting_fill": 4}, "inpainting_fill must be one of 0 fill"),
+    ({"enable_hr": True}, "enable_hr \\(hires fix\\) is a txt2img option"),
 ])
 def test_bad_input_is_one_line(pipe, changes, message):
     base = {"prompt": "x", "steps": 4, "init_images": [init_image(64, 64)]}
