@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -165,8 +166,10 @@ def test_lists_in_the_webui_shapes(client, server):
     samplers = client.get_samplers()
     assert {"name", "aliases", "options"} <= set(samplers[0]) and "Euler a" in [s["name"] for s in samplers]
     assert "karras" in [s["name"] for s in client.get_schedulers()]
-    for route in ("upscalers", "latent-upscale-modes", "loras", "sd-vae"):
+    for route in ("loras", "sd-vae"):
         assert _request(server.api(route))[:3:2] == (200, [])
+    assert [u["name"] for u in client.get_upscalers()] == ["None", "Lanczos", "Nearest"]
+    assert [m["name"] for m in client.get_latent_upscale_modes()][:2] == ["Latent", "Latent (antialiased)"]
     memory = client.get_memory()
     assert memory["ram"]["total"] > 0
     assert client.get_cmd_flags()["ckpt_dir"].endswith("Stable-diffusion")
@@ -184,10 +187,20 @@ def test_img2img_with_the_webui_client(client, server):
     assert fields["Denoising strength"] == "0.5" and r.info["denoising_strength"] == 0.5
     assert r.parameters["init_images"] is None  # as the webui's, without include_init_images
     for payload, field in (({"init_images": ["%%%"]}, "init_images[0]"), ({"init_images": []}, "init_images"),
-                           ({"init_images": [r.json["images"][0]], "mask": r.json["images"][0]}, "mask"),
+                           ({"init_images": [r.json["images"][0]], "mask": "%%%"}, "mask"),
+                           ({"init_images": [r.json["images"][0]], "mask": r.json["images"][0],
+                             "inpainting_fill": 9}, "inpainting_fill"),
                            ({"init_images": [r.json["images"][0]], "denoising_strength": 2}, "denoising_strength")):
         status, _, body = _request(server.api("img2img"), {"prompt": "x", **payload})
         assert status == 422 and field in body["detail"], body
+    # inpainting: the mask's black half comes back as the init image (the webui's paste back)
+    mask = Image.new("L", (128, 128))
+    mask.paste(255, (64, 0, 128, 128))
+    r = client.img2img(images=[init], mask_image=mask, prompt="a house", seed=8, steps=4, denoising_strength=0.75,
+                       width=128, height=128, mask_blur=0, inpainting_fill=1, inpaint_full_res=False)
+    kept = np.asarray(r.images[0].convert("RGB"))[:, :64]
+    assert np.array_equal(kept, np.asarray(init.convert("RGB"))[:, :64])
+    assert "Mask blur" not in r.info["infotexts"][0] and r.parameters["mask"] is None
 
 
 def test_progress_during_a_job_and_interrupt(client, server):
@@ -228,7 +241,8 @@ def test_progress_during_a_job_and_interrupt(client, server):
     ({"prompt": "x", "width": 256, "height": 256}, "--max-pixels"),
     ({"prompt": "x", "n_iter": 10**12}, "--max-batch"),
     ({"prompt": "x", "bogus_field": 1}, "bogus_field"),
-    ({"prompt": "x", "enable_hr": True}, "enable_hr"),
+    ({"prompt": "x", "enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, "hr_upscaler"),
+    ({"prompt": "x", "enable_hr": True, "width": 64, "height": 64, "hr_scale": 8}, "--max-pixels"),
     ({"prompt": "x", "sampler_name": "Nope"}, "sampler"),
     ({"prompt": "x", "override_settings": {"sd_vae": "/etc/passwd"}}, "sd_vae"),
     ({"prompt": 5}, "prompt"),
@@ -284,14 +298,15 @@ def test_concurrent_clients_get_their_own_images(server):
         image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
         return seed, _seed_of(image), json.loads(body["info"])["prompt"]
 
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(one, range(1000, 1024)))
+    # 16 clients (the queue holds 16: none is refused), 192 requests, each checked by seed and prompt
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(1000, 1096)))
         used = _request(server.api("memory"))[2]["ram"]["used"]
-        answers += pool.map(one, range(2000, 2024))
-    assert len(answers) == 48
+        answers += pool.map(one, range(2000, 2096))
+    assert len(answers) == 192
     assert all(seed == got and prompt == f"p{seed}" for seed, got, prompt in answers)
     growth = _request(server.api("memory"))[2]["ram"]["used"] - used
-    assert growth < 16 << 20, f"the server's memory grew {growth >> 20} MB over 24 requests"
+    assert growth < 16 << 20, f"the server's memory grew {growth >> 20} MB over 96 requests"
 
 
 def test_auth_is_required_on_every_route(guarded):

@@ -3,7 +3,7 @@
 Field names, response shapes and route names follow the AUTOMATIC1111 webui 1.10's API
 (``modules/api/api.py``, ``models.py``). Deliberate differences, each for safety or because sdrt
 lacks the feature: a wrong payload is a 422 naming the field (the webui often answers 500);
-``img2img`` answers 501 for a bundle without a VAE encoder, and inpainting masks are refused by name;
+``img2img`` (inpainting with ``mask``) answers 501 for a bundle without a VAE encoder;
 options are only the settings sdrt acts on (others are a 422 naming them); ``cmd-flags`` never
 shows the ``--api-auth`` credentials; ``/progress`` adds the queue (``queue_pending``, and
 ``queue_position`` for ``?id_task=``); the body size is capped (413); a NaN, Infinity or an
@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,12 +30,13 @@ from typing import Annotated
 from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image, PngImagePlugin
-
 from sdrt.runtime import __version__, png
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import GenerationParams, Img2imgParams, Pipeline, Plan
 from sdrt.runtime.pipeline.txt2img import GeneratedImage
+from sdrt.runtime.pipeline.upscale import LATENT_MODES, PIXEL_UPSCALERS
 from sdrt.runtime.sampling import SAMPLERS, SCHEDULES
+from sdrt.runtime.serve.schema import openapi_body, request_schema
 from sdrt.runtime.serve.worker import Job, QueueFull, Worker
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,9 @@ class ModelEntry:
 class ServeConfig:
     # Every model a client may select (the configured folders only; a client never names a path)
     list_models: Callable[[], list[ModelEntry]]
-    # The pipeline for an entry (exporting a checkpoint into the cache on first use)
-    load: Callable[[ModelEntry], Pipeline]
+    # The pipeline for an entry and an sd_vae choice ("Automatic", "None" or a name list_vaes gives),
+    # exporting a checkpoint into the cache on first use
+    load: Callable[[ModelEntry, str], Pipeline]
     model: str | None = None  # the title or name to start with; None: the first listed
     queue_size: int = 16
     max_steps: int = 150
@@ -67,14 +70,27 @@ class ServeConfig:
     api_auth: tuple[tuple[str, str], ...] = ()
     cors_allow_origins: tuple[str, ...] = ()
     cmd_flags: dict = field(default_factory=dict)
+    # The webui's /loras items ({"name", "alias", "path", "metadata"}) and /sd-vae names
+    list_loras: Callable[[], list[dict]] = list
+    list_vaes: Callable[[], list[str]] = list
 
 
 # The webui settings sdrt acts on, with its defaults (GenerationParams: override_settings);
 # sdrt's noise source default is the CPU generator (the webui's is GPU)
 _SETTINGS = {"CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0, "randn_source": "CPU",
              "pad_cond_uncond": True, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
-_VAE_CHOICES = ("Automatic", "None")  # sdrt decodes with the bundle's own VAE
+# The webui's live preview settings (its defaults): a preview of the running job's current
+# prediction every n steps, decoded with the model's own VAE (the webui's "Full" preview method; its
+# default "Approx NN" is a separate network sdrt does not ship), the batch's first image only
+_PREVIEW = {"live_previews_enable": True, "show_progress_every_n_steps": 10}
+_VAE_CHOICES = ("Automatic", "None")  # and the names of --vae-dir's files
 _NO_ENCODER = "img2img needs a VAE encoder, which this model's bundle lacks"
+# Request fields whose JSON form differs from the parameter dataclasses' (images come as base64)
+_BASE64 = {"type": "string", "contentEncoding": "base64"}
+_IMG2IMG_FIELDS = {"init_images": {"type": "array", "items": _BASE64, "minItems": 1},
+                   "mask": {"type": ["string", "null"], "contentEncoding": "base64"}}
+_OPENAI_FIELDS = {"n": {"type": "integer", "default": 1}, "size": {"type": "string", "pattern": "^[0-9]+x[0-9]+$"},
+                  "response_format": {"enum": ["b64_json"]}, "model": {"type": "string"}, "user": {"type": "string"}}
 
 
 def _error(status: int, error: str, detail: str, headers: dict | None = None) -> JSONResponse:
@@ -161,9 +177,10 @@ class Server:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.settings = dict(_SETTINGS)
+        self.preview = dict(_PREVIEW)
         self.sd_vae = "Automatic"
         self.model = self.find_model(config.model) if config.model else self._first_model()
-        self.worker = Worker(config.load(self.model), config.queue_size)
+        self.worker = Worker(config.load(self.model, self.sd_vae), config.queue_size)
 
     def _first_model(self) -> ModelEntry:
         models = self.config.list_models()
@@ -198,7 +215,11 @@ class Server:
         if model is not None and self.find_model(model) != self.model:
             raise SdrtError("override_settings: sd_model_checkpoint: sdrt serve switches models through "
                             "POST /sdapi/v1/options, not per request")
-        self._check_vae(overrides.pop("sd_vae", None))
+        vae = overrides.pop("sd_vae", None)
+        self._check_vae(vae)
+        if vae is not None and vae != self.sd_vae:
+            raise SdrtError("override_settings: sd_vae: sdrt serve switches VAEs through POST /sdapi/v1/options, "
+                            "not per request")
         base = kind.from_webui({"override_settings": self.settings})
         params = base.replace(**payload, override_settings=overrides)
         c = self.config
@@ -219,18 +240,33 @@ class Server:
         if plan.width * plan.height > c.max_pixels:
             raise SdrtError(f"width x height must be at most {c.max_pixels} pixels (--max-pixels), "
                             f"got {plan.width}x{plan.height}")
+        hr_w, hr_h = getattr(plan, "hr_size", (0, 0))  # hires fix's second pass
+        if hr_w * hr_h > c.max_pixels:
+            raise SdrtError(f"hr_scale: the hires fix size must be at most {c.max_pixels} pixels (--max-pixels), "
+                            f"got {hr_w}x{hr_h}")
         if len(params.prompt) + len(params.negative_prompt) > c.max_prompt_chars:
             raise SdrtError(f"prompt and negative_prompt must hold at most {c.max_prompt_chars} characters together")
         return params
 
     def _check_vae(self, vae) -> None:
-        if vae is not None and vae not in _VAE_CHOICES:
-            raise SdrtError(f"sd_vae: sdrt uses the model's own VAE; choose one of {', '.join(_VAE_CHOICES)}, "
-                            f"got {vae!r}")
+        if vae is None:
+            return
+        choices = (*_VAE_CHOICES, *self.config.list_vaes())
+        if vae not in choices:
+            raise SdrtError(f"sd_vae: choose one of {', '.join(choices)} (GET /sdapi/v1/sd-vae), got {vae!r}")
 
     def generate(self, pipe: Pipeline, job: Job, params: GenerationParams) -> tuple[Plan, list[GeneratedImage]]:
         plan = pipe.plan(params)
-        return plan, pipe.generate(plan, callback=job.on_step)
+
+        def on_step(event):  # in the worker thread, between two steps: the pipeline is free
+            job.on_step(event)
+            every = self.preview["show_progress_every_n_steps"]
+            if (job.preview_wanted and self.preview["live_previews_enable"] and every > 0
+                    and job.step - job.preview_step >= every):
+                job.preview_wanted = False
+                job.preview, job.preview_step = pipe.decode(event["denoised"][:1])[0], job.step
+
+        return plan, pipe.generate(plan, callback=on_step)
 
     def info(self, pipe: Pipeline, job: Job, plan: Plan, images: list[GeneratedImage]) -> dict:
         """The webui's ``Processed.js()`` fields."""
@@ -244,7 +280,9 @@ class Server:
             "width": plan.width, "height": plan.height, "sampler_name": plan.sampler.name,
             "scheduler": plan.schedule, "cfg_scale": p.cfg_scale, "steps": p.steps, "batch_size": p.batch_size,
             "restore_faces": False, "face_restoration_model": None, "sd_model_name": pipe.bundle.name,
-            "sd_model_hash": pipe.bundle.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
+            "sd_model_hash": pipe.bundle.model_hash,
+            "sd_vae_name": pipe.vae.path.name if getattr(pipe, "vae", None) else None,
+            "sd_vae_hash": pipe.vae.sha256[:10] if getattr(pipe, "vae", None) else None,
             "seed_resize_from_w": p.seed_resize_from_w, "seed_resize_from_h": p.seed_resize_from_h,
             "denoising_strength": getattr(plan, "denoising_strength", None), "extra_generation_params": {},
             "index_of_first_image": 0,
@@ -274,31 +312,47 @@ class Server:
 
     def options(self) -> dict:
         return {"sd_model_checkpoint": self.model.title, "sd_checkpoint_hash": self.model.sha256,
-                "sd_vae": self.sd_vae, **self.settings}
+                "sd_vae": self.sd_vae, **self.settings, **self.preview}
 
     async def set_options(self, changes: dict) -> None:
         _check_numbers(changes)
-        unknown = sorted(set(changes) - {"sd_model_checkpoint", "sd_vae", *_SETTINGS})
+        unknown = sorted(set(changes) - {"sd_model_checkpoint", "sd_vae", *_SETTINGS, *_PREVIEW})
         if unknown:
             raise SdrtError(f"options not supported by sdrt: {', '.join(unknown)}")
         settings = {**self.settings, **{k: v for k, v in changes.items() if k in _SETTINGS}}
         self.worker.pipeline.plan(GenerationParams.from_webui({"override_settings": settings}))  # checks them
         self._check_vae(changes.get("sd_vae"))
+        preview = {**self.preview, **{k: v for k, v in changes.items() if k in _PREVIEW}}
+        if not isinstance(preview["live_previews_enable"], bool):
+            raise SdrtError("live_previews_enable must be true or false")
+        every = preview["show_progress_every_n_steps"]
+        if not isinstance(every, int) or isinstance(every, bool) or not -1 <= every <= 1000:
+            raise SdrtError(f"show_progress_every_n_steps must be an integer from -1 to 1000, got {every!r}")
         model = self.find_model(changes["sd_model_checkpoint"]) if "sd_model_checkpoint" in changes else self.model
-        if model != self.model:
-            await self.run(f"load {model.title}", lambda pipe, job: self._switch(model))
+        vae = changes.get("sd_vae", self.sd_vae)
+        if model != self.model or vae != self.sd_vae:
+            label = model.title if model != self.model else f"VAE {vae}"
+            await self.run(f"load {label}", lambda pipe, job: self._switch(model, vae))
         self.settings = settings
-        self.sd_vae = changes.get("sd_vae", self.sd_vae)
+        self.preview = preview
 
-    def _switch(self, model: ModelEntry) -> None:
+    def _switch(self, model: ModelEntry, vae: str) -> None:
         # In the worker thread, between jobs: the old pipeline serves until the new one is loaded
-        self.worker.pipeline = self.config.load(model)
-        self.model = model
+        self.worker.pipeline = self.config.load(model, vae)
+        self.model, self.sd_vae = model, vae
 
     # -- progress --
 
-    def progress(self, id_task: str | None) -> dict:
+    def progress(self, id_task: str | None, skip_current_image: bool = False) -> dict:
+        """The webui's ``/progress``. Asking for the current image (not ``skip_current_image``) has the
+        worker decode a preview at its next step once ``show_progress_every_n_steps`` steps passed
+        since the last (the webui decodes during the request instead); the reply carries the latest."""
         job, pending = self.worker.state()
+        current_image = None
+        if job is not None and not skip_current_image:
+            job.preview_wanted = True
+            if job.preview is not None:
+                current_image = _encode_preview(job.preview)
         progress, eta = 0.0, None
         state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
                  "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
@@ -313,11 +367,46 @@ class Server:
             progress = min(progress, 1.0)
             elapsed = time.monotonic() - (job.started or time.monotonic())
             eta = elapsed / progress - elapsed
-        reply = {"progress": progress, "eta_relative": eta or 0.0, "state": state, "current_image": None,
+        reply = {"progress": progress, "eta_relative": eta or 0.0, "state": state, "current_image": current_image,
                  "textinfo": None, "queue_pending": pending}
         if id_task is not None:
             reply["queue_position"] = self.worker.position(id_task)
         return reply
+
+
+def _embeddings(pipe: Pipeline) -> dict:
+    """The webui's ``/embeddings``: every embedding file of ``--embeddings-dir``, ``loaded`` when it fits
+    the model's text encoders (SDXL: both), else ``skipped`` (the webui skips files whose vector width
+    is another model's); ``shape`` is the vector width, ``vectors`` their number. A file that cannot
+    be read at all is left out and logged, as the webui does."""
+    from sdrt.runtime.text.embeddings import load_embedding
+
+    encoders = getattr(pipe.text_encoder, "encoders", None) or [pipe.text_encoder]
+    libraries = [e.library for e in encoders if getattr(e, "library", None) is not None]
+    loaded, skipped = {}, {}
+    for name in sorted({n for lib in libraries for n in lib.paths}):
+        first = next(lib for lib in libraries if name in lib)
+        try:
+            emb = load_embedding(first.paths[name], name, first.key)
+        except SdrtError as e:
+            log.warning("embedding %s left out: %s", name, e)
+            continue
+        fits = True
+        for lib in libraries:
+            try:
+                lib.get(name)  # the checks a prompt naming it would meet
+            except (SdrtError, KeyError):
+                fits = False
+        entry = {"step": emb.step, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                 "shape": int(emb.vectors.shape[1]), "vectors": int(emb.vectors.shape[0])}
+        (loaded if fits else skipped)[name] = entry
+    return {"loaded": loaded, "skipped": skipped}
+
+
+def _encode_preview(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _memory() -> dict:
@@ -355,9 +444,19 @@ class _Guard:
                 reply = _error(411, "LengthRequired", "send the body with a Content-Length")
             elif length is not None and (not length.isdigit() or int(length) > c.max_body_bytes):
                 reply = _error(413, "PayloadTooLarge", f"the request body is over {c.max_body_bytes} bytes")
+        server = (b"x-sdrt-server", _SERVER_ID)
+
+        async def tagged(message):  # which process answered: one of several replicas behind a proxy
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), server]}
+            await send(message)
+
         if reply is not None:
-            return await reply(scope, receive, send)
-        return await self.app(scope, receive, send)
+            return await reply(scope, receive, tagged)
+        return await self.app(scope, receive, tagged)
+
+
+_SERVER_ID = f"sdrt/{__version__} {socket.gethostname()}:{os.getpid()}".encode("latin-1", "replace")
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -399,7 +498,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     api = "/sdapi/v1"
 
-    @app.post(f"{api}/txt2img")
+    @app.post(f"{api}/txt2img", openapi_extra=openapi_body(request_schema(GenerationParams)))
     async def txt2img(request: Request, payload: Annotated[dict, Body()]):
         params = server.params(payload)
 
@@ -410,7 +509,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         return await server.run("txt2img", run, payload.get("force_task_id"), request)
 
-    @app.post(f"{api}/img2img")
+    @app.post(f"{api}/img2img", openapi_extra=openapi_body(request_schema(Img2imgParams, _IMG2IMG_FIELDS)))
     async def img2img(request: Request, payload: Annotated[dict, Body()]):
         if not hasattr(server.worker.pipeline, "img2img"):
             return _error(501, "NotImplemented", _NO_ENCODER)
@@ -418,7 +517,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         if not isinstance(images, list) or not images or len(images) > config.max_batch:
             raise SdrtError(f"init_images must be a list of 1 to {config.max_batch} base64-encoded images")
         decoded = [_decode_image(im, f"init_images[{i}]", 4 * config.max_pixels) for i, im in enumerate(images)]
-        params = server.params({**payload, "init_images": decoded}, Img2imgParams)
+        mask = payload.get("mask")  # inpainting: a base64 image; None or "" for none, as the webui
+        mask = _decode_image(mask, "mask", 4 * config.max_pixels) if mask not in (None, "") else None
+        params = server.params({**payload, "init_images": decoded, "mask": mask}, Img2imgParams)
         # the webui's response leaves the request's images out unless include_init_images
         shown = payload if payload.get("include_init_images") else {**payload, "init_images": None, "mask": None}
 
@@ -429,7 +530,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         return await server.run("img2img", run, payload.get("force_task_id"), request)
 
-    @app.post("/v1/images/generations")
+    @app.post("/v1/images/generations", openapi_extra=openapi_body(request_schema(GenerationParams, _OPENAI_FIELDS)))
     async def openai_images(request: Request, payload: Annotated[dict, Body()]):
         """OpenAI-style generation: prompt, n, size "WxH", response_format b64_json; sdrt also takes
         the webui's fields (seed, steps, sampler_name, negative_prompt, cfg_scale, ...)."""
@@ -486,9 +587,29 @@ def create_app(config: ServeConfig) -> FastAPI:
         return [{"name": s.lower().replace(" ", "_"), "label": s, "aliases": None, "default_rho": -1.0,
                  "need_inner_model": False} for s in SCHEDULES]
 
-    # Hires fix, LoRA, VAE files, styles and scripts do not exist in sdrt yet: their lists are empty
-    for route in ("upscalers", "latent-upscale-modes", "loras", "sd-vae", "hypernetworks", "face-restorers",
-                  "prompt-styles", "script-info"):
+    @app.get(f"{api}/upscalers")
+    async def upscalers():  # the webui's built-in pixel upscalers (hires fix's hr_upscaler, extras)
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name in PIXEL_UPSCALERS]
+
+    @app.get(f"{api}/latent-upscale-modes")
+    async def latent_upscale_modes():
+        return [{"name": name} for name in LATENT_MODES]
+
+    @app.get(f"{api}/loras")
+    async def loras():
+        return await asyncio.to_thread(config.list_loras)
+
+    @app.get(f"{api}/refresh-loras")
+    async def refresh_loras():
+        return None  # the folder is read on every request
+
+    @app.get(f"{api}/sd-vae")
+    async def sd_vae():
+        return [{"model_name": name, "filename": name} for name in config.list_vaes()]
+
+    # Hypernetworks, face restoration, styles and scripts do not exist in sdrt: their lists are empty
+    for route in ("hypernetworks", "face-restorers", "prompt-styles", "script-info"):
         app.get(f"{api}/{route}", name=route)(_empty_list)
 
     @app.get(f"{api}/scripts")
@@ -497,11 +618,11 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get(f"{api}/embeddings")
     async def embeddings():
-        return {"loaded": {}, "skipped": {}}
+        return await asyncio.to_thread(_embeddings, server.worker.pipeline)
 
     @app.get(f"{api}/progress")
     async def progress(skip_current_image: bool = False, id_task: str | None = None):
-        return server.progress(id_task)
+        return server.progress(id_task, skip_current_image)
 
     @app.post(f"{api}/interrupt")
     async def interrupt():

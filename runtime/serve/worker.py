@@ -39,9 +39,15 @@ class Job:
     steps: int = 0
     interrupted: bool = False
     skipped: bool = False
+    # The live preview: wanted by a /progress request, decoded by the worker at a step
+    preview_wanted: bool = False
+    preview: object = None  # PIL image
+    preview_step: int = 0
 
     def on_step(self, event: dict) -> None:
         """The pipeline's per-step callback."""
+        if event["batch"] != self.batch:
+            self.preview_step = 0  # steps count from 1 again in each batch
         self.batch, self.batches = event["batch"], event["batches"]
         self.step, self.steps = event["step"], event["steps"]
 

@@ -1,69 +1,18 @@
-"""``sdrt serve``: the webui's HTTP API (``sdrt.runtime.serve``) on uvicorn.
+"""``sdrt serve``: the webui's HTTP API (``sdrt.runtime.serve``) on uvicorn, or on Ray Serve (``--ray``).
 
-This module gives the server its model catalog (the embedded model, and the bundles and
-checkpoints under ``--ckpt-dir``) and its loader (``sdrt.Pipeline``: checkpoints are exported into
-the cache once); FastAPI and uvicorn are imported only when the command runs.
+The command checks its options and hands them to ``sdrt.serve_config`` (the model catalog, the
+loader, the limits); FastAPI and uvicorn are imported only when the command runs.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
-from pathlib import Path
 
 import click
 
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.precision import PRECISIONS
-
-log = logging.getLogger(__name__)
-
-
-def catalog(ckpt_dir: Path) -> list:
-    """The embedded model first, then every bundle and checkpoint file under ``ckpt_dir``."""
-    from sdrt.models import CHECKPOINT_SUFFIXES, default_model_path, is_bundle
-    from sdrt.runtime.serve import ModelEntry
-
-    def bundle_entry(path: Path, name: str):
-        from sdrt.runtime.bundle import open_bundle
-
-        try:
-            b = open_bundle(path)
-        except SdrtError as e:
-            log.warning("not listed: %s", e)
-            return None
-        title = f"{name} [{b.model_hash}]" if b.model_hash else name
-        return ModelEntry(title, name, str(path), b.model_hash, b.schema.source.sha256)
-
-    entries = []
-    if is_bundle(default_model_path()):
-        entries.append(bundle_entry(default_model_path(), "sdrt-default"))
-    for root, dirs, files in os.walk(ckpt_dir) if ckpt_dir.is_dir() else ():
-        here = Path(root)
-        dirs.sort()
-        for d in list(dirs):
-            if is_bundle(here / d):
-                dirs.remove(d)  # a bundle is one model: its files are not listed
-                entries.append(bundle_entry(here / d, (here / d).relative_to(ckpt_dir).as_posix()))
-        for f in sorted(files):
-            if f.lower().endswith(CHECKPOINT_SUFFIXES):
-                rel = (here / f).relative_to(ckpt_dir).as_posix()
-                # The webui's title holds the short hash once it is known; sdrt hashes on first load
-                entries.append(ModelEntry(rel, rel.rsplit(".", 1)[0], str(here / f)))
-    return [e for e in entries if e is not None]
-
-
-def _auth(value: str | None) -> tuple[tuple[str, str], ...]:
-    if not value:
-        return ()
-    accounts = []
-    for item in value.split(","):
-        user, sep, password = item.strip().partition(":")
-        if not sep or not user or not password:
-            raise SdrtError("--api-auth takes user:password pairs separated by commas")
-        accounts.append((user, password))
-    return tuple(accounts)
+from sdrt.serve_config import check_options, server_config
 
 
 @click.command("serve")
@@ -75,6 +24,12 @@ def _auth(value: str | None) -> tuple[tuple[str, str], ...]:
 @click.option("--ckpt-dir", default="models/Stable-diffusion", show_default=True, type=click.Path(file_okay=False),
               help="Bundles and checkpoints clients may select (the embedded model is always listed).")
 @click.option("--model", default=None, help="The model to start with: a title or name from /sdapi/v1/sd-models.")
+@click.option("--embeddings-dir", default="embeddings", show_default=True, type=click.Path(file_okay=False),
+              help="Textual inversion embeddings prompts may name (used when the folder exists, as the webui's).")
+@click.option("--lora-dir", default="models/Lora", show_default=True, type=click.Path(file_okay=False),
+              help="LoRA / LyCORIS files <lora:name:...> tags may name.")
+@click.option("--vae-dir", default="models/VAE", show_default=True, type=click.Path(file_okay=False),
+              help="VAE files the sd_vae option may select (and its Automatic rule searches).")
 @click.option("--queue-size", default=16, show_default=True, type=int, help="Jobs that may wait; more get 503.")
 @click.option("--max-steps", default=150, show_default=True, type=int)
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Most images per request (batch x count).")
@@ -82,50 +37,37 @@ def _auth(value: str | None) -> tuple[tuple[str, str], ...]:
 @click.option("--max-body", default=32 << 20, show_default=True, type=int, help="Most bytes in a request body.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda[:N], trt[:N], ... (as sdrt generate).")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", *PRECISIONS]))
-def serve(host, port, listen, api_auth, cors_allow_origins, ckpt_dir, model, queue_size, max_steps, max_batch,
-          max_pixels, max_body, device, precision):
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Serve on Ray Serve: replicas of this server behind Ray's HTTP proxy (docs/SERVE.md).")
+@click.option("--replicas", default=1, show_default=True, type=int,
+              help="With --ray: replicas to start (with --max-replicas: the fewest the autoscaler keeps).")
+@click.option("--max-replicas", default=None, type=int,
+              help="With --ray: autoscale up to this many replicas on the queue length.")
+@click.option("--ray-address", default=None,
+              help="With --ray: the cluster to join (default: RAY_ADDRESS, else a local one started here).")
+def serve(use_ray, replicas, max_replicas, ray_address, **options):
     """Serve the webui's HTTP API (/sdapi/v1/*, docs at /docs) on 127.0.0.1:7860."""
     try:
-        _serve(host, port, listen, api_auth, cors_allow_origins, ckpt_dir, model, queue_size, max_steps, max_batch,
-               max_pixels, max_body, device, precision)
+        _serve(options, use_ray, replicas, max_replicas, ray_address)
     except SdrtError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
 
 
-def _serve(host, port, listen, api_auth, cors_allow_origins, ckpt_dir, model, queue_size, max_steps, max_batch,
-           max_pixels, max_body, device, precision):
+def _serve(options: dict, ray: bool = False, replicas: int = 1, max_replicas: int | None = None,
+           ray_address: str | None = None) -> None:
     try:
         import uvicorn
 
-        from sdrt.runtime.serve import ServeConfig, create_app
+        from sdrt.runtime.serve import create_app
     except ImportError as e:
         raise SdrtError(f"sdrt serve needs the serve extra (missing {e.name}): pip install 'sdrt[serve]'") from None
-    from sdrt.models import resolve_model
-    from sdrt.runtime.bundle import open_bundle
-    from sdrt.runtime.pipeline import Img2imgPipeline, Pipeline
+    options = {k: str(v) if k.endswith("_dir") else v for k, v in options.items()}
+    check_options(options)
+    if ray:
+        from sdrt.serve_ray import run
 
-    def load(entry):
-        bundle = open_bundle(resolve_model(entry.filename))
-        kind = Img2imgPipeline if bundle.has("vae_encoder") else Pipeline
-        return kind(bundle, device=device, precision=precision)
-
-    for name, value in (("--queue-size", queue_size), ("--max-steps", max_steps), ("--max-batch", max_batch),
-                        ("--max-pixels", max_pixels), ("--max-body", max_body)):
-        if value < 1:
-            raise SdrtError(f"{name} must be at least 1, got {value}")
-    folder = Path(ckpt_dir)
-    flags = {"api": True, "nowebui": True, "listen": listen, "host": host, "port": port,
-             "api_auth": "<set>" if api_auth else None,  # the webui shows the credentials; sdrt does not
-             "cors_allow_origins": cors_allow_origins, "ckpt_dir": str(folder), "queue_size": queue_size,
-             "max_steps": max_steps, "max_batch": max_batch, "max_pixels": max_pixels, "max_body": max_body,
-             "device": device, "precision": precision}
-    config = ServeConfig(
-        list_models=lambda: catalog(folder),
-        load=load,
-        model=model, queue_size=queue_size, max_steps=max_steps, max_batch=max_batch, max_pixels=max_pixels,
-        max_body_bytes=max_body, api_auth=_auth(api_auth),
-        cors_allow_origins=tuple(o.strip() for o in (cors_allow_origins or "").split(",") if o.strip()),
-        cmd_flags=flags)
-    app = create_app(config)
-    uvicorn.run(app, host="0.0.0.0" if listen else host, port=port, log_level="info")
+        run(options, replicas=replicas, max_replicas=max_replicas, address=ray_address)
+        return
+    app = create_app(server_config(options))
+    uvicorn.run(app, host="0.0.0.0" if options["listen"] else options["host"], port=options["port"], log_level="info")
