@@ -748,3 +748,65 @@ def test_fp16_graphs_have_provenance_and_int8_refuses_lora(precision_bundle, tin
     with pytest.raises(SdrtError, match=r"quantized \(int8\): LoRA on int8 graphs is not supported yet; "
                                         r"use --precision fp32"):
         runtime_image(pipe, f"{PROMPT} <lora:x:1>")
+
+
+# -- SDXL: both text encoders and the UNet --
+
+def test_sdxl_lora_matches_the_merged_export(tmp_path, caplog):
+    """An SDXL LoRA in kohya's naming (``lora_te1_`` CLIP ViT-L, ``lora_te2_`` OpenCLIP bigG, the UNet
+    in LDM and in diffusers names) applied to a bundle gives the image of the bundle exported from
+    the torch modules with the network merged the webui's way."""
+    from sdrt.export.tiny import random_modules, scaled_sdxl_configs
+    from sdrt.export.write import export_modules
+
+    configs = scaled_sdxl_configs()
+    modules = random_modules(configs, seed=0)
+    unet, _, te1, te2 = modules
+    g = torch.Generator().manual_seed(5)
+
+    def linears(module, prefix, suffixes):
+        out = {}
+        for name, m in module.named_modules():
+            if name.endswith(suffixes):
+                full = name if name.startswith("text_model.") or prefix == "lora_unet_" else f"text_model.{name}"
+                out[prefix + full.replace(".", "_")] = m
+        return out
+
+    targets = {**linears(te1, "lora_te1_", ("q_proj", "fc1")), **linears(te2, "lora_te2_", ("v_proj", "out_proj")),
+               **linears(unet, "lora_unet_", ("attn2.to_k", "proj_in", "ff.net.2"))}
+    ldm = convert.key_map(configs)["unet"]
+    tensors = {}
+    for i, (layer, m) in enumerate(sorted(targets.items())):
+        W = m.weight
+        if layer.startswith("lora_unet_") and i % 2:  # every other UNet layer in the LDM naming
+            key = next(v for k, v in ldm.items() if k.replace(".", "_") == layer[len("lora_unet_"):] + "_weight")
+            layer = "lora_unet_" + key[len("model.diffusion_model."):-len(".weight")].replace(".", "_")
+        tensors[f"{layer}.lora_down.weight"] = _r(g, 4, *W.shape[1:])
+        tensors[f"{layer}.lora_up.weight"] = _r(g, W.shape[0], 4, *([1, 1] if W.dim() == 4 else []))
+        tensors[f"{layer}.alpha"] = torch.tensor(2.0)
+    write_network(tmp_path / "Lora" / "xl.safetensors", tensors)
+
+    merged = copy.deepcopy(modules)
+    layers = layer_table(merged[0], merged[2], configs)
+    layers |= {"lora_te1_" + k[len("lora_te_"):]: v for k, v in layers.items() if k.startswith("lora_te_")}
+    for name, m in merged[3].named_modules():
+        if hasattr(m, "weight") and isinstance(m.weight, torch.Tensor):
+            full = name if name.startswith("text_model.") else f"text_model.{name}"
+            layers["lora_te2_" + full.replace(".", "_")] = (m, True)
+    assert all(k.split(".")[0] in layers for k in tensors)
+    webui_merge(tensors, layers, 0.8, 0.6)
+
+    source = {"name": "xl", "kind": "random", "sha256": None, "hash": None}
+    base = export_modules(*modules[:3], configs, tmp_path / "base", source=source, text_encoder_2=modules[3])
+    want = export_modules(*merged[:3], configs, tmp_path / "merged", source=source, text_encoder_2=merged[3])
+    args = {"negative_prompt": "blurry", "sampler_name": "Euler", "steps": STEPS, "seed": SEED, "width": 64,
+            "height": 64}
+    pipe = Pipeline(base, lora_dir=tmp_path / "Lora")
+    with caplog.at_level(logging.WARNING):
+        (got,) = pipe(f"{PROMPT} <lora:xl:0.8:0.6>", **args)
+    assert not [r for r in caplog.records if "xl" in r.getMessage()], "keys matched nothing"
+    (expected,) = Pipeline(want)(PROMPT, **args)
+    (plain,) = pipe(PROMPT, **args)
+    assert psnr(np.asarray(expected.image), np.asarray(got.image), 255.0) >= 60
+    assert psnr(np.asarray(plain.image), np.asarray(got.image), 255.0) < 40  # the network changed the image
+    assert 'Lora hashes: "xl: ' in got.infotext

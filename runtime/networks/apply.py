@@ -41,12 +41,15 @@ CACHE_SETS = 2  # merged weight sets kept per graph (the one in place and the on
 PARSED_FILES = 4  # network files kept read (a set's files serve the text encoder and the UNet)
 _SHOWN = 5  # keys a warning names
 
-# Which bundle component each layer-name prefix targets, and which multiplier it takes. SDXL adds
-# "lora_te1_" -> text_encoder and "lora_te2_" -> text_encoder_2 (te multiplier) here, and
-# "text_encoder_2." for the dotted names (docs/NETWORKS.md).
-PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
-DOTTED = {"unet": "unet", "text_encoder": "text_encoder"}
-TE_COMPONENTS = ("text_encoder",)
+# Which bundle component each layer-name prefix targets, and which multiplier it takes: SDXL's
+# kohya files name CLIP ViT-L "lora_te1_" and OpenCLIP bigG "lora_te2_", both by their transformers
+# modules (the exporter's text_encoder / text_encoder_2), and diffusers' dotted names
+# "text_encoder_2." (docs/NETWORKS.md)
+PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+            "lora_te2_": "text_encoder_2"}
+DOTTED = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+TE_COMPONENTS = ("text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # LDM key prefix -> the webui's layer-name prefix (``assign_network_names_to_compvis_modules``
 # names the modules of ``sd_model.model`` and ``cond_stage_model.wrapped``)
 LDM_LAYER_PREFIXES = {"model.": "", "cond_stage_model.": ""}
@@ -299,7 +302,7 @@ class Networks:
 
     def names(self) -> dict[str, dict[str, str]]:
         if self._names is None:
-            self._names = {c: layer_names(c, self.provenance(c)) for c in ("unet", "text_encoder")
+            self._names = {c: layer_names(c, self.provenance(c)) for c in COMPONENTS
                            if (self.bundle.path / c).is_dir()}
         return self._names
 
