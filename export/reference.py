@@ -82,14 +82,19 @@ class TorchReference:
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, sigma: float, cond: torch.Tensor, uncond: torch.Tensor,
-                cfg_scale: float) -> torch.Tensor:
+                cfg_scale: float, image_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The guided denoiser; ``image_cond``: an inpainting UNet's conditioning [n, 5, h, w],
+        concatenated to the scaled latents (the webui's ``c_concat``)."""
         n = x.shape[0]
         both = cfg_scale != 1.0
         x_in = torch.cat([x, x]) if both else x
         ctx = torch.cat([cond.expand(n, -1, -1), uncond.expand(n, -1, -1)]) if both else cond.expand(n, -1, -1)
         c_in = 1.0 / (sigma**2 + 1.0) ** 0.5
         t = self.sigma_to_t(sigma).expand(x_in.shape[0])
-        out = self.unet(x_in * c_in, t, ctx).sample
+        unet_in = x_in * c_in
+        if image_cond is not None:
+            unet_in = torch.cat([unet_in, torch.cat([image_cond, image_cond]) if both else image_cond], dim=1)
+        out = self.unet(unet_in, t, ctx).sample
         if self.prediction_type == "epsilon":
             den = x_in + out * -sigma
         else:
@@ -97,6 +102,11 @@ class TorchReference:
         if not both:
             return den
         return den[n:] + (den[:n] - den[n:]) * cfg_scale
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels [n, 3, H, W] in [-1, 1] -> the posterior's mean times the latent scale factor."""
+        return self.vae.encode(pixels).latent_dist.mean * self.scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

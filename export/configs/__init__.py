@@ -169,9 +169,10 @@ def check_configs(configs, where: str) -> dict:
                  f"the sum of {' + '.join(f'{n}.hidden_size' for n, _ in texts)}")
         raise fail("unet.cross_attention_dim", f"{unet['cross_attention_dim']} differs from {whose} {width}")
     _check_added_embeddings(configs, fail)
-    if unet["in_channels"] != vae["latent_channels"]:
-        raise fail("unet.in_channels", f"{unet['in_channels']} differs from vae.latent_channels "
-                   f"{vae['latent_channels']}")
+    # the latents, or an inpainting UNet's latents + mask + masked image's latents
+    if unet["in_channels"] not in (vae["latent_channels"], 2 * vae["latent_channels"] + 1):
+        raise fail("unet.in_channels", f"{unet['in_channels']} is neither vae.latent_channels "
+                   f"{vae['latent_channels']} nor an inpainting UNet's {2 * vae['latent_channels'] + 1}")
     scheduler = configs["scheduler"]
     if not scheduler["beta_start"] < scheduler["beta_end"] < 1:
         raise fail("scheduler.beta_end", f"must be above beta_start and below 1, got {scheduler['beta_end']}")

@@ -27,8 +27,9 @@ Init image and mask of different sizes: as the webui, each is resized to the req
 own ("whole picture"); "only masked" finds the box on the mask at its own size and cuts it from the
 init image at its own size, so give both at the same size there.
 
-Not here: 9-channel inpainting checkpoints (their conditioning image and mask strength), the
-webui's soft inpainting. ``latent_mask`` (a second mask for the fill and the latent blend, at the
+Inpainting checkpoints' image conditioning (the masked image and the mask beside the latents) is
+``Img2imgPipeline.image_conditioning``, from this plan's ``image_mask``. Not here: the webui's soft
+inpainting. ``latent_mask`` (a second mask for the fill and the latent blend, at the
 request's size) is taken as the webui takes it.
 """
 
@@ -165,6 +166,8 @@ class Inpaint:
     overlays: tuple[Image.Image, ...]  # RGBA: the init image where kept, transparent where repainted
     paste_to: tuple[int, int, int, int] | None  # (x, y, w, h) in the init image ("only masked")
     fields: dict  # infotext entries, in the webui's order
+    # The mask at the processing size (blurred, cropped, resized): an inpainting model's conditioning
+    image_mask: Image.Image | None = None
 
     def fill_latents(self, init: np.ndarray, noise: Callable[[], np.ndarray]) -> np.ndarray:
         """The init latents under the mask as ``inpainting_fill`` asks: latent noise (``noise()``,
@@ -254,6 +257,7 @@ def prepare(p, images: Sequence[Image.Image], width: int, height: int,
     else:
         mask = resize_image(p.resize_mode, mask, width, height)
         overlay_mask = Image.fromarray(np.clip(np.asarray(mask).astype(np.float32) * 2, 0, 255).astype(np.uint8))
+    image_mask = mask
     if p.latent_mask is not None and not (isinstance(p.latent_mask, str) and p.latent_mask == ""):
         # the webui's latent_mask: used as given (at the request's size) for the fill and the blend
         if not isinstance(p.latent_mask, Image.Image) or p.latent_mask.size != (width, height):
@@ -284,7 +288,8 @@ def prepare(p, images: Sequence[Image.Image], width: int, height: int,
     latent = np.asarray(mask.convert("RGB").resize((w, h)), dtype=np.float32)[..., 0] / np.float32(255)
     if p.mask_round:
         latent = np.around(latent)
-    return prepared, Inpaint(int(p.inpainting_fill), latent.astype(np.float32), tuple(overlays), paste_to, fields)
+    return prepared, Inpaint(int(p.inpainting_fill), latent.astype(np.float32), tuple(overlays), paste_to, fields,
+                             image_mask)
 
 
 def check(p) -> None:

@@ -7,13 +7,12 @@ and DiscreteVDDPMDenoiser with sigma_data = 1 (``external.py``).
 from __future__ import annotations
 
 import numpy as np
-
 from sdrt.runtime.backends.onnxruntime import Session
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.sampling import schedules
 
-
 ADDED_INPUTS = ("text_embeds", "time_ids")  # SDXL's UNet inputs beside encoder_hidden_states
+IMAGE_CONDITIONING = "c_concat"  # an inpainting UNet's image conditioning, in a context dict
 
 
 class Denoiser:
@@ -33,6 +32,9 @@ class Denoiser:
         self.timestep_shape = list(unet.inputs["timestep"].shape or [])
         # SDXL's added conditioning (optimum's names), fed from a context dict
         self.added_inputs = tuple(n for n in ADDED_INPUTS if n in unet.inputs)
+        # Inpainting UNets take the image conditioning (mask + masked image latents) beside the latents;
+        # the pipeline sets how many channels it has (the UNet's input channels over the latents')
+        self.image_channels = 0
 
     @property
     def sigmas(self) -> np.ndarray:
@@ -62,6 +64,13 @@ class Denoiser:
             feeds.update(context)
         else:
             feeds["encoder_hidden_states"] = context
+        image = feeds.pop(IMAGE_CONDITIONING, None)
+        if self.image_channels:
+            if image is None or image.shape[1] != self.image_channels:
+                raise SdrtError(f"this inpainting UNet needs {self.image_channels} channels of image conditioning "
+                                "beside the latents")
+            # the webui's c_concat: the scaled latents, then the conditioning as it is
+            feeds["sample"] = np.concatenate([x, image.astype(x.dtype, copy=False)], axis=1)
         missing = [n for n in self.added_inputs if n not in feeds]
         if missing:
             raise SdrtError(f"this UNet needs SDXL's added conditioning ({', '.join(missing)}); the conditioning "
@@ -186,6 +195,9 @@ class CFGDenoiser:
         self.keep_uncond = False
         self.last_uncond: np.ndarray | None = None
         self.refiner: RefinerSwitch | None = None
+        # An inpainting model's image conditioning [images, channels, h, w]: the same for an image's
+        # conditional and unconditional rows (the webui's image_cond_in)
+        self.image_cond: np.ndarray | None = None
         if isinstance(cond, np.ndarray) and isinstance(uncond, np.ndarray) and cond.shape[2:] != uncond.shape[2:]:
             raise SdrtError(f"conditioning widths differ: {cond.shape} vs {uncond.shape}")
 
@@ -225,14 +237,19 @@ class CFGDenoiser:
                 raise SdrtError(f"conditioning for {len(c)} images, latents for {n}")
             return np.broadcast_to(c, (n, *c.shape[1:])) if len(c) == 1 else c
 
-        def context(ctx, added, repeat=1):
-            """The UNet's feeds: the states, and SDXL's added conditioning of each row (``added``:
-            one dict per part, the rows ordered image by image, then part by part)."""
+        def context(ctx, added, repeat=1, parts=1):
+            """The UNet's feeds: the states, SDXL's added conditioning of each row (``added``: one dict
+            per part, the rows ordered image by image, then part by part) and an inpainting model's
+            image conditioning (``parts`` rows per image)."""
             ctx = np.ascontiguousarray(ctx)
-            if added is None:
+            if added is None and self.image_cond is None:
                 return ctx
-            return {"encoder_hidden_states": ctx,
-                    **{name: np.tile(np.stack([a[name] for a in added]), (repeat, 1)) for name in added[0]}}
+            feeds = {"encoder_hidden_states": ctx}
+            if added is not None:
+                feeds |= {name: np.tile(np.stack([a[name] for a in added]), (repeat, 1)) for name in added[0]}
+            if self.image_cond is not None:
+                feeds[IMAGE_CONDITIONING] = np.repeat(rows(self.image_cond), parts, axis=0)
+            return feeds
 
         if self.cfg_scale == 1.0 and len(parts) == 1 and parts[0][1] == 1.0 and not self.keep_uncond:
             return self.model(x, sigma, context(rows(parts[0][0]), added_parts, n))
@@ -243,15 +260,13 @@ class CFGDenoiser:
         uncond_ctx = rows(uncond)
         added_u = None if added_uncond is None else [added_uncond]
         if cond_ctx.shape[1] == uncond_ctx.shape[1]:
-            if added_parts is None:
-                both = np.concatenate([cond_ctx, uncond_ctx])
-            else:
-                c, u = context(cond_ctx, added_parts, n), context(uncond_ctx, added_u, n)
-                both = {name: np.concatenate([c[name], u[name]]) for name in c}
+            c, u = context(cond_ctx, added_parts, n, k), context(uncond_ctx, added_u, n)
+            both = np.concatenate([c, u]) if isinstance(c, np.ndarray) else {name: np.concatenate([c[name], u[name]])
+                                                                           for name in c}
             out = self.model(np.concatenate([x_cond, x]), sigma, both)
             out_cond, out_uncond = out[:n * k], out[n * k:]
         else:
-            out_cond = self.model(x_cond, sigma, context(cond_ctx, added_parts, n))
+            out_cond = self.model(x_cond, sigma, context(cond_ctx, added_parts, n, k))
             out_uncond = self.model(x, sigma, context(uncond_ctx, added_u, n))
         out_cond = out_cond.reshape(n, k, *out_cond.shape[1:])
         if self.keep_uncond:
