@@ -62,6 +62,7 @@ class Graph:
         self.outputs = {o.name for o in self.graph.output}
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
         self._counter = 0
+        self._shapes: dict[str, list] | None = None
         self.reindex()
 
     def reindex(self) -> None:
@@ -125,6 +126,34 @@ class Graph:
                 if o in self.outputs or any(id(u) not in inside for u in self.consumers.get(o, [])):
                     return False
         return True
+
+    def rank(self, name: str) -> int | None:
+        """The rank of a tensor (see :meth:`shape`); None when unknown."""
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def shape(self, name: str) -> list[int | None] | None:
+        """The shape of a tensor (None for a dimension known only at run time): an initializer's,
+        else from ONNX's shape inference on the graph's structure (run once, weights not loaded);
+        None when unknown."""
+        if name in self.inits:
+            return list(self.inits[name].dims)
+        if self._shapes is None:
+            structure = onnx.ModelProto()
+            structure.CopyFrom(self.model)
+            for t in structure.graph.initializer:  # dims are all inference needs of a weight
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    t.data_location = onnx.TensorProto.DEFAULT
+                    del t.external_data[:]
+            try:
+                inferred = onnx.shape_inference.infer_shapes(structure, strict_mode=False).graph
+            except (onnx.shape_inference.InferenceError, ValueError, RuntimeError):  # ranks unknown: left alone
+                inferred = onnx.GraphProto()
+            self._shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
+                                     for d in v.type.tensor_type.shape.dim]
+                            for v in (*inferred.value_info, *inferred.input, *inferred.output)
+                            if v.type.tensor_type.HasField("shape")}
+        return self._shapes.get(name)
 
     # -- edits -------------------------------------------------------------------------------
 
@@ -324,7 +353,9 @@ def fuse_attention(g: Graph) -> int:
         axis = next((helper.get_attribute_value(a) for a in softmax.attribute if a.name == "axis"), -1)
         if axis not in (-1, 3):
             continue
-        qk = g.parent(softmax, 0, "MatMul")
+        qk, mask = g.parent(softmax, 0, "MatMul"), None
+        if qk is None:  # masked scores (the text encoder's causal mask): Softmax(Add(MatMul(q, k), mask))
+            qk, mask = _masked_scores(g, softmax)
         pv = g.only_consumer(softmax.output[0], "MatMul")
         if qk is None or pv is None or pv.input[0] != softmax.output[0]:
             continue
@@ -333,31 +364,88 @@ def fuse_attention(g: Graph) -> int:
         v = _head_split(g, pv, 1, (0, 2, 1, 3), scaled=False)
         if q is None or k is None or v is None:
             continue
-        merge_t = g.only_consumer(pv.output[0], "Transpose")
-        merge_r = merge_t and g.only_consumer(merge_t.output[0], "Reshape")
-        if merge_r is None or _perm(merge_t) != (0, 2, 1, 3):
-            continue
         heads = {q["heads"], k["heads"], v["heads"]}
         if len(heads) != 1 or None in heads:
             continue
         (num_heads,) = heads
+        # transformers' CLIP first reshapes the product to the [B, H, S, d] it already has
+        same = _same_shape_reshape(g, pv, num_heads, q["nodes"][1].output[0])
+        merge_t = g.only_consumer((same or pv).output[0], "Transpose")
+        merge_r = merge_t and g.only_consumer(merge_t.output[0], "Reshape")
+        if merge_r is None or _perm(merge_t) != (0, 2, 1, 3):
+            continue
         scale = q["scale"] * k["scale"] if q["scale"] is not None and k["scale"] is not None else None
         if scale is None and not (q["default_scale"] and k["default_scale"]):
             continue
-        removed = [qk, softmax, pv, merge_t, merge_r] + q["nodes"] + k["nodes"] + v["nodes"]
-        removed += _orphans(g, removed, needed={q["input"], k["input"], v["input"]})
+        removed = [qk, softmax, pv, merge_t, merge_r] + q["nodes"] + k["nodes"] + v["nodes"] + ([same] if same else [])
+        needed = {q["input"], k["input"], v["input"]}
+        if mask is not None:
+            removed.append(g.producer[softmax.input[0]])
+            needed.add(mask)
+        removed += _orphans(g, removed, needed=needed)
         if not g.private(*removed, keep=merge_r.output[0]):
             continue
         attrs = {"num_heads": int(num_heads)}
         if scale is not None:
             attrs["scale"] = float(scale)
-        node = helper.make_node("MultiHeadAttention", [q["input"], k["input"], v["input"]], [merge_r.output[0]],
+        # the mask goes in as attention_bias (input 6: query, key, value, bias, key_padding_mask, attention_bias)
+        inputs = [q["input"], k["input"], v["input"]] + (["", "", mask] if mask is not None else [])
+        node = helper.make_node("MultiHeadAttention", inputs, [merge_r.output[0]],
                                 name=g.fresh("MultiHeadAttention"), domain=MS_DOMAIN, **attrs)
         g.replace(removed, [node])
         count += 1
     if count:
         g.use_opset(MS_DOMAIN, 1)
     return count
+
+
+def _same_shape_reshape(g: Graph, pv: onnx.NodeProto, heads: int, q_heads: str) -> onnx.NodeProto | None:
+    """The Reshape of the attention product ``pv`` ([B, H, S, d]) to the same shape, as CLIP's
+    export writes it: Reshape(pv, Concat(B, H or -1, S, d)) with B = Shape(pv)[0], S =
+    Shape(pv or the query heads ``q_heads``)[2], d = Shape(pv or the value heads)[3]; with three
+    of four dimensions equal, the fourth is too. None when ``pv`` is not so followed."""
+    reshape = next((u for u in g.consumers.get(pv.output[0], []) if u.op_type == "Reshape"), None)
+    if reshape is None or reshape.input[0] != pv.output[0]:
+        return None
+    concat = g.producer.get(reshape.input[1])
+    if concat is None or concat.op_type != "Concat" or len(concat.input) != 4:
+        return None
+    part = g.const(concat.input[1])
+    if part is None or part.size != 1 or int(part.reshape(-1)[0]) not in (heads, -1):
+        return None
+    if (_shape_dim(g, concat.input[0]) != (pv.output[0], 0)
+            or _shape_dim(g, concat.input[2]) not in ((pv.output[0], 2), (q_heads, 2))
+            or _shape_dim(g, concat.input[3]) not in ((pv.output[0], 3), (pv.input[1], 3))):
+        return None
+    return reshape
+
+
+def _shape_dim(g: Graph, name: str) -> tuple[str, int] | None:
+    """(tensor, axis) when ``name`` is Unsqueeze(Gather(Shape(tensor), axis)) (or without the Unsqueeze)."""
+    n = g.producer.get(name)
+    if n is not None and n.op_type == "Unsqueeze":
+        n = g.producer.get(n.input[0])
+    if n is None or n.op_type != "Gather":
+        return None
+    shape, index = g.producer.get(n.input[0]), g.const(n.input[1])
+    if shape is None or shape.op_type != "Shape" or index is None or index.size != 1 or len(shape.attribute):
+        return None
+    return shape.input[0], int(index.reshape(-1)[0])
+
+
+def _masked_scores(g: Graph, softmax: onnx.NodeProto) -> tuple[onnx.NodeProto | None, str | None]:
+    """(the q.k MatMul, the mask) of Softmax(Add(MatMul(q, k), mask)), where the mask is 4-D, as
+    MultiHeadAttention's ``attention_bias`` takes it ([1 or B, 1 or H, S, L]; the CLIP text
+    encoder's causal mask is [B, 1, S, S]); (None, None) otherwise."""
+    add = g.parent(softmax, 0, "Add")
+    if add is None or len(add.input) != 2:
+        return None, None
+    for k in (0, 1):
+        qk = g.parent(add, k, "MatMul")
+        if qk is not None and g.only_consumer(qk.output[0]) is add and g.only_consumer(add.output[0]) is softmax:
+            mask = add.input[1 - k]
+            return (qk, mask) if g.rank(mask) == 4 else (None, None)
+    return None, None
 
 
 def reached_from(graph: onnx.GraphProto, name: str) -> set[str]:
@@ -430,7 +518,7 @@ def _head_split(g: Graph, node: onnx.NodeProto, index: int, perm: tuple[int, ...
     reshape = g.parent(src, 0, "Reshape")
     if reshape is None:
         return None
-    heads = _heads_of(g, reshape.input[1])
+    heads = _heads_of(g, reshape.input[1], reshape.input[0])
     nodes += [src, reshape]
     return {"input": reshape.input[0], "heads": heads, "scale": scale, "default_scale": default_scale,
             "nodes": nodes}
@@ -463,16 +551,24 @@ def _skip_cast(g: Graph, name: str) -> onnx.NodeProto | None:
     return n
 
 
-def _heads_of(g: Graph, shape_name: str) -> int | None:
-    """H of a [B, -1, H, d] reshape target: a constant, or a Concat whose third part is constant."""
+def _heads_of(g: Graph, shape_name: str, data: str) -> int | None:
+    """H of a [B, -1, H, d] reshape target of ``data``: a constant, or a Concat whose third part is
+    constant; for [B, S, -1, d] (CLIP's), the width of ``data`` over the constant d."""
     value = g.const(shape_name)
     if value is not None:
-        return int(value[2]) if value.size == 4 else None
+        return int(value[2]) if value.size == 4 and value[2] > 0 else None
     concat = g.producer.get(shape_name)
     if concat is None or concat.op_type != "Concat" or len(concat.input) != 4:
         return None
-    part = g.const(concat.input[2])
-    return int(part.reshape(-1)[0]) if part is not None and part.size == 1 else None
+    part, d = g.const(concat.input[2]), g.const(concat.input[3])
+    if part is None or part.size != 1:
+        return None
+    heads = int(part.reshape(-1)[0])
+    if heads == -1 and d is not None and d.size == 1 and int(d.reshape(-1)[0]) > 0:
+        shape = g.shape(data)
+        width = shape[-1] if shape else None
+        return width // int(d.reshape(-1)[0]) if width and width % int(d.reshape(-1)[0]) == 0 else None
+    return heads if heads > 0 else None
 
 
 def _orphans(g: Graph, removed: list[onnx.NodeProto], needed: set[str]) -> list[onnx.NodeProto]:

@@ -18,7 +18,13 @@ export (:func:`calibration_feeds`: the UNet inputs of every step of fp32 generat
 :data:`CALIBRATION_PROMPTS`, min/max over all of them), then the CPU graph passes. About 2.2x
 the fp32 CPU graph's speed on the SD 1.5 UNet (AVX-512 VNNI, 2 threads; docs/OPTIMIZATION.md);
 the fixed ranges cost fidelity, measured like every precision. The first and last convolutions
-(4 latent channels in and out) stay fp32.
+(4 latent channels in and out) stay fp32. The VAE decoder gets the same treatment
+(``vae_decoder/model.cpu-int8-static.onnx``), calibrated on the final latents of the same
+generations; :func:`kept_float_convs` names what stays fp32 and why.
+
+``sdrt export --precision mixed`` writes no graphs of its own: per component it picks the fastest
+variant whose own measured effect on the final image held the bar (``measure``'s
+``components``), then measures the combination (``sdrt.export.write``).
 
 ``sdrt export --precision fp16`` adds ``<component>/model.cuda-fp16.onnx`` for ONNX Runtime's
 CUDA provider: the portable graph with fp16 weights and activations (onnxruntime's float16
@@ -39,7 +45,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +63,8 @@ INT8_SUFFIX = variant_key("cpu", "int8")
 INT8_STATIC_SUFFIX = variant_key("cpu", "int8-static")
 FP16_SUFFIX = variant_key("cuda", "fp16")
 SUFFIXES = {"int8": INT8_SUFFIX, "int8-static": INT8_STATIC_SUFFIX, "fp16": FP16_SUFFIX}  # model.<suffix>.onnx
+# The components int8-static quantizes, each with the input whose tokens its quantized MatMuls read
+STATIC_COMPONENTS = {"unet": "sample", "vae_decoder": "latent_sample"}
 # Calibration requests of int8-static: other prompts and seeds than the measurement's (see measure)
 CALIBRATION_PROMPTS = ("a green triangle on a yellow background", "a photograph of a mountain lake at sunrise",
                        "a purple square on an orange background", "portrait of an old man, oil painting")
@@ -75,6 +83,7 @@ class QuantizeReport:
     shared_bytes: int        # bytes read from the fp32 graph's data file
     custom_ops: bool = False  # the graph imports the ai.sdrt domain (needs sdrt's kernels library)
     bf16_attention: int = 0  # self-attention nodes given to ai.sdrt.Attention (passes.bf16_attention)
+    kept_float: dict[str, str] = field(default_factory=dict)  # node -> why it stayed fp32 (int8-static)
 
     def summary(self) -> str:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
@@ -113,14 +122,15 @@ def quantize_int8(src: str | Path, dst: str | Path) -> QuantizeReport:
                                                   "MatMulIntegerToFloat"))
 
 
-def _save_quantized(staged: Path, src: Path, dst: Path, op_types: tuple[str, ...]) -> QuantizeReport:
+def _save_quantized(staged: Path, src: Path, dst: Path, op_types: tuple[str, ...],
+                    stream_input: str = "sample") -> QuantizeReport:
     """Move a quantizer's output (``staged``, with its weights) to ``dst``: tensors equal to
     ``src``'s are read from ``src``'s data file, the rest go to ``dst``'s own; counts ``op_types``.
 
     On the way, self-attention becomes sdrt's bf16 attention (:func:`passes.bf16_attention`): a
     reduced-precision graph takes it with its int8 products, and is measured with it."""
     model = onnx.load(str(staged), load_external_data=True)
-    attention = passes.bf16_attention(passes.Graph(model, staged.parent))
+    attention = passes.bf16_attention(passes.Graph(model, staged.parent), stream_input)
     shared = _share_unchanged(model, src)
     # The data file first, under the name the graph refers to; the graph last, renamed into place
     data_name = dst.name[:-len(".onnx")] + ".onnx_data"
@@ -138,16 +148,18 @@ def _save_quantized(staged: Path, src: Path, dst: Path, op_types: tuple[str, ...
 
 
 def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]], *,
-                         optimize: bool = True) -> QuantizeReport:
+                         optimize: bool = True, stream_input: str = "sample") -> QuantizeReport:
     """Write ``dst``: the portable graph ``src`` with static int8 convolutions and MatMuls.
 
     Activation ranges are the min/max over ``feeds`` (:func:`calibration_feeds`) of every tensor a
     quantized op reads or writes; weights are int8 symmetric per output channel, activations uint8
-    with a zero point (u8 x s8, the VNNI instruction's form). Quantized: the image-token MatMuls
-    (:func:`image_stream_matmuls`) and every convolution but the first and the last, whose 4
-    latent channels carry the sample itself. With ``optimize`` the CPU graph passes run on the
-    result (its GroupNorms, attention and GELU stay fp32 and fuse as in ``model.cpu.onnx``).
-    Unchanged tensors are read from ``src``'s data file, as in :func:`quantize_int8`."""
+    with a zero point (u8 x s8, the VNNI instruction's form). Quantized: the MatMuls over
+    ``stream_input``'s tokens (:func:`image_stream_matmuls`; the UNet's ``sample``, the VAE
+    decoder's ``latent_sample``) and every convolution but those :func:`kept_float_convs` names
+    (the ones on the latent's channels, which carry the sample itself). With ``optimize`` the CPU
+    graph passes run on the result (its GroupNorms, attention and GELU stay fp32 and fuse as in
+    ``model.cpu.onnx``). Unchanged tensors are read from ``src``'s data file, as in
+    :func:`quantize_int8`. The report's ``kept_float`` says which nodes stayed fp32 and why."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -161,12 +173,13 @@ def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str,
         raise ValueError("static int8 quantization needs calibration feeds")
     src, dst = Path(src), Path(dst)
     source = onnx.load(str(src), load_external_data=False)
-    quantized = image_stream_matmuls(source)
-    inputs = {i.name for i in source.graph.input}
-    outputs = {o.name for o in source.graph.output}
-    exclude = [n.name for n in source.graph.node
-               if (n.op_type == "MatMul" and n.name not in quantized)
-               or (n.op_type == "Conv" and (n.input[0] in inputs or n.output[0] in outputs))]
+    quantized = image_stream_matmuls(source, stream_input)
+    kept = {n.name: "a MatMul off the image tokens: costs next to nothing at any size"
+            for n in source.graph.node if n.op_type == "MatMul" and n.name not in quantized
+            and n.input[1] in {t.name for t in source.graph.initializer}}
+    kept.update(kept_float_convs(source))
+    exclude = [n.name for n in source.graph.node if n.name in kept
+               or (n.op_type == "MatMul" and n.name not in quantized)]
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as work:
         staged = Path(work) / "model.onnx"
         with _quiet_root_warnings():
@@ -181,7 +194,32 @@ def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str,
             report = passes.optimize_file(staged, fused)
             log.info("int8-static: %s", report.summary())
             staged = fused
-        return _save_quantized(staged, src, dst, ("QLinearConv", "QLinearMatMul"))
+        report = _save_quantized(staged, src, dst, ("QLinearConv", "QLinearMatMul"), stream_input)
+        report.kept_float = kept
+        return report
+
+
+def kept_float_convs(model, latent_channels: int = 4) -> dict[str, str]:
+    """The convolutions int8-static leaves in fp32, each with why: those reading a graph input or
+    writing a graph output, and those with at most ``latent_channels`` channels in or out (the
+    UNet's first and last, the VAE decoder's post-quant and first convolutions and its last, to
+    RGB): their few channels carry the sample itself, where int8's 256 levels cost the most
+    fidelity, and they cost little time."""
+    inputs = {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    kept = {}
+    for n in model.graph.node:
+        if n.op_type != "Conv":
+            continue
+        dims = weights.get(n.input[1]) if len(n.input) > 1 else None
+        if n.input[0] in inputs:
+            kept[n.name] = "reads the graph input"
+        elif n.output[0] in outputs:
+            kept[n.name] = "writes the graph output"
+        elif dims and len(dims) >= 2 and min(dims[0], dims[1]) <= latent_channels:
+            kept[n.name] = f"{dims[1]} channels in, {dims[0]} out: the latent's or the image's own"
+    return kept
 
 
 class _RecordingUNet:
@@ -202,21 +240,26 @@ class _RecordingUNet:
 
 def calibration_feeds(bundle_dir: str | Path, *, prompts: tuple[str, ...] = CALIBRATION_PROMPTS, steps: int = 10,
                       samplers: tuple[str, ...] = ("Euler a", "DPM++ 2M"), seed: int = CALIBRATION_SEED,
-                      max_size: int = 256) -> list[dict[str, np.ndarray]]:
-    """The UNet's inputs at every step of fp32 CPU generations, one per prompt (samplers taken in
-    turn, seeds from ``seed``), at the bundle's default size capped at ``max_size``: what the
-    network sees over a whole trajectory, from pure noise to the last step, with CFG's batch."""
+                      max_size: int = 256, components: tuple[str, ...] = ("unet",)) -> dict[str, list[dict]]:
+    """{component: its inputs} over fp32 CPU generations, one per prompt (samplers taken in turn,
+    seeds from ``seed``), at the bundle's default size capped at ``max_size``. ``unet``: its inputs
+    at every step, what the network sees over a whole trajectory, from pure noise to the last
+    step, with CFG's batch; ``vae_decoder``: the final latents of the same generations, as the
+    pipeline decodes them (so one calibration run serves both)."""
     pipe = pipeline.Pipeline(bundle_dir, device="cpu", precision="fp32")
     pipe.wrap_unet(_RecordingUNet)
     recorder = pipe.unet
+    decoder = pipe.vae_decoder = _RecordingUNet(pipe.vae_decoder)
     width, height = (min(v, max_size) for v in pipe.bundle.default_size)
     for k, prompt in enumerate(prompts):
         params = pipeline.GenerationParams(prompt, steps=steps, sampler_name=samplers[k % len(samplers)],
                                            seed=seed + k, width=width, height=height, cfg_scale=7.0)
         plan = pipe.plan(params)
         cond, uncond = pipe.conditioning(plan)
-        pipe.sample(plan, plan.batches[0], cond, uncond)
-    return recorder.feeds
+        latents = pipe.sample(plan, plan.batches[0], cond, uncond)
+        if "vae_decoder" in components:
+            pipe.decode_float(latents)
+    return {"unet": recorder.feeds, "vae_decoder": decoder.feeds}
 
 
 def image_stream_matmuls(model, stream_input: str = "sample") -> set[str]:
@@ -365,7 +408,8 @@ def _restore_fp32_constants(model, keep_fp32: tuple[str, ...]) -> None:
 def measure(bundle_dir: str | Path, precision: str, *, device: str = "cpu", prompt: str | None = None,
             steps: int = 10, samplers: tuple[str, ...] = MEASURE_SAMPLERS, seed: int = 1,
             max_size: int = 256) -> dict:
-    """Final-image fidelity of ``precision`` against the fp32 graphs, on one generation per sampler.
+    """Final-image fidelity of ``precision`` against the fp32 graphs, on one generation per sampler,
+    whole and per component.
 
     Both pipelines run the bundle's graphs for ``device`` with the same prompt, seed and noise,
     at the bundle's default size capped at ``max_size`` (the export pays for this run: SD 1.5 at
@@ -373,40 +417,79 @@ def measure(bundle_dir: str | Path, precision: str, *, device: str = "cpu", prom
     far beyond 8-bit resolution (``sdrt verify`` shows it per stage), so this is the precision's
     own loss. An ancestral sampler (Euler a) and a deterministic one (DPM++ 2M) both run: small
     differences can move an ancestral trajectory more. The precision may be its device's default
-    when the worst image reaches :data:`DEFAULT_MIN_PSNR`."""
+    when the worst image reaches :data:`DEFAULT_MIN_PSNR`.
+
+    ``components`` holds each component's own effect on the final image: the others left in fp32
+    (the UNet's: its sampling decoded by the fp32 VAE; the VAE decoder's: the fp32 latents decoded
+    by it; the text encoder's: its conditioning sampled and decoded in fp32), for each component
+    whose graph differs from the fp32 pipeline's."""
     from sdrt.runtime.metrics import psnr
 
     prompt = prompt or "a red circle on a blue background"
     pipes = {p: pipeline.Pipeline(bundle_dir, device=device, precision=p) for p in ("fp32", precision)}
-    width, height = (min(v, max_size) for v in pipes["fp32"].bundle.default_size)
-    runs = []
+    ref, var = pipes["fp32"], pipes[precision]
+    varied = [name for name, graph in _graphs(var).items() if graph != _graphs(ref)[name]]
+    width, height = (min(v, max_size) for v in ref.bundle.default_size)
+
+    def image(pipe, latents):
+        return pipeline.to_uint8(pipe.decode_float(latents)[0]).astype(np.float64)
+
+    def compare(a, b):
+        return {"image_psnr": _finite(psnr(a, b, peak=255.0)), "image_max_abs": int(np.abs(a - b).max())}
+
+    runs, effects = [], {name: [] for name in varied}
     for sampler in samplers:
         params = pipeline.GenerationParams(prompt, steps=steps, sampler_name=sampler, seed=seed, width=width,
                                            height=height, cfg_scale=7.0)
-        images, latents = {}, {}
-        for p, pipe in pipes.items():
-            plan = pipe.plan(params)
-            cond, uncond = pipe.conditioning(plan)
-            latents[p] = pipe.sample(plan, plan.batches[0], cond, uncond)
-            images[p] = pipeline.to_uint8(pipe.decode_float(latents[p])[0]).astype(np.float64)
-        a, b = images["fp32"], images[precision]
-        runs.append({"sampler": sampler,
-                     "image_psnr": _finite(psnr(a, b, peak=255.0)),  # null when identical
-                     "image_max_abs": int(np.abs(a - b).max()),
+        plans = {p: pipe.plan(params) for p, pipe in pipes.items()}
+        conds = {p: pipe.conditioning(plans[p]) for p, pipe in pipes.items()}
+        latents = {p: pipe.sample(plans[p], plans[p].batches[0], *conds[p]) for p, pipe in pipes.items()}
+        a, b = image(ref, latents["fp32"]), image(var, latents[precision])
+        runs.append({"sampler": sampler, **compare(a, b),
                      "latents_psnr": _finite(psnr(latents["fp32"], latents[precision]))})
-    worst = min(runs, key=lambda r: np.inf if r["image_psnr"] is None else r["image_psnr"])
+        for name in varied:
+            if name == "vae_decoder":
+                alone = image(var, latents["fp32"])
+            elif name == "unet":
+                sampled = (latents[precision] if "text_encoder" not in varied
+                           else var.sample(plans[precision], plans[precision].batches[0], *conds["fp32"]))
+                alone = image(ref, sampled)
+            else:  # the text encoder
+                alone = image(ref, ref.sample(plans["fp32"], plans["fp32"].batches[0], *conds[precision]))
+            effects[name].append({"sampler": sampler, **compare(a, alone)})
     return {
         "against": "fp32 graphs (ONNX Runtime)",
         "request": {"prompt": prompt, "steps": steps, "seed": seed, "cfg_scale": 7.0, "size": f"{width}x{height}"},
         "runs": runs,
-        "image_psnr": worst["image_psnr"],
-        "image_max_abs": max(r["image_max_abs"] for r in runs),
-        "default": worst["image_psnr"] is None or worst["image_psnr"] >= DEFAULT_MIN_PSNR,
+        **_worst(runs),
+        "default": passes_bar(runs),
+        "components": {name: {"graph": _graphs(var)[name], **_worst(rs), "default": passes_bar(rs), "runs": rs}
+                       for name, rs in effects.items()},
         # int8 figures measured where int8 products are exact do not hold where they saturate
         "int8_saturates": int8_saturates() if device == "cpu" else None,
         # whether ai.sdrt.Attention ran its bf16 form here (elsewhere it runs float32: closer to fp32)
         "attention_bf16": _attention_bf16() if device == "cpu" else None,
     }
+
+
+def passes_bar(runs: list[dict]) -> bool:
+    """Whether every run's final image reaches :data:`DEFAULT_MIN_PSNR` (None: identical)."""
+    return all(r["image_psnr"] is None or r["image_psnr"] >= DEFAULT_MIN_PSNR for r in runs)
+
+
+def _worst(runs: list[dict]) -> dict:
+    worst = min(runs, key=lambda r: np.inf if r["image_psnr"] is None else r["image_psnr"])
+    return {"image_psnr": worst["image_psnr"], "image_max_abs": max(r["image_max_abs"] for r in runs)}
+
+
+def _graphs(pipe) -> dict[str, str]:
+    """The graph file each component of a pipeline runs (relative to the bundle)."""
+    encoders = getattr(pipe.text_encoder, "encoders", [pipe.text_encoder])
+    paths = {getattr(e, "component", "text_encoder"): e.session.path for e in encoders}
+    paths |= {"unet": pipe.unet.path, "vae_decoder": pipe.vae_decoder.path}
+    root = Path(pipe.bundle.path).resolve()
+    return {k: Path(v).resolve().relative_to(root).as_posix() if Path(v).resolve().is_relative_to(root)
+            else str(v) for k, v in paths.items()}
 
 
 def _attention_bf16() -> bool | None:

@@ -6,6 +6,7 @@ interrupted export never leaves a half bundle behind.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -18,10 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdrt.export import convert, load
+from sdrt.export import convert, load, provenance
 from sdrt.export import graphs as onnx_export
 from sdrt.export import quantize as precision_mod
-from sdrt.export.configs import check_configs, sd1_configs
+from sdrt.export.configs import (
+    architecture_of,
+    check_configs,
+    family_configs,
+    sd1_configs,
+    text_encoder_names,
+)
 from sdrt.runtime import bundle as manifests
 from sdrt.runtime import spec as specs
 from sdrt.runtime.bundle import COMPONENTS, MANIFEST, file_sha256
@@ -35,7 +42,11 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 def load_checkpoint(source: str | Path) -> tuple[dict, dict, dict]:
-    """Read a single-file checkpoint or a diffusers folder: (configs, component state dicts, source info)."""
+    """Read a single-file checkpoint or a diffusers folder: (configs, component state dicts, source info).
+
+    A single file's configs are the ones it carries (``sdrt.configs``), else the shipped ones of
+    its family (:func:`sdrt.export.configs.family_configs`: SD 1.5, SD 2.x 512 base, SDXL base,
+    the refiner); an SD 2.x file's prediction type is then still open (:func:`decide_prediction`)."""
     source = Path(source)
     if not source.exists():
         raise SdrtError(f"checkpoint not found: {source}")
@@ -44,12 +55,52 @@ def load_checkpoint(source: str | Path) -> tuple[dict, dict, dict]:
         info = {"name": source.name, "kind": "diffusers", "sha256": None, "hash": None}
         return configs, components, info
     state_dict = load.load_state_dict(source)
-    load.detect_architecture(state_dict)  # refuses SD 2.x / SDXL with a clear line
-    configs = embedded_configs(source) or sd1_configs()
-    components = convert.ldm_to_diffusers(state_dict, configs)
+    arch = load.detect_architecture(state_dict)
+    family = convert.family_of(arch)
+    configs = embedded_configs(source)
+    if configs is None:
+        configs = family_configs(family) if family in convert.SUPPORTED else sd1_configs()
+        if arch.endswith("-inpaint"):
+            # an inpainting UNet: the latents, the mask and the masked image's latents in (4 + 1 + 4)
+            configs["unet"]["in_channels"] = 9
+    components = convert.ldm_to_diffusers(state_dict, configs)  # refuses other families with a clear line
     sha = file_sha256(source)
     info = {"name": source.stem, "kind": source.suffix.lstrip("."), "sha256": sha, "hash": sha[:10]}
     return configs, components, info
+
+
+def decide_prediction(configs: dict, unet, prediction: str | None = None) -> tuple[dict, dict]:
+    """The configs with their prediction type settled, and the record of how (for the manifest's
+    ``exporter.prediction``).
+
+    ``prediction`` (``eps`` / ``v``, ``sdrt export --prediction``) overrides; for SD 2.x with the
+    shipped configs it also picks the model (512 base or 768-v, hence the default size). Else a
+    config that names a prediction type (diffusers folders, sdrt's own files, SD 1.x and SDXL's
+    shipped configs) keeps it, and an SD 2.x one that does not is decided by the webui's probe
+    (:mod:`sdrt.export.prediction`)."""
+    from sdrt.export import prediction as probe
+
+    configs = copy.deepcopy(configs)
+    shipped_sd2 = {k: configs.get(k) for k in ("unet", "vae")} == {k: family_configs("sd2").get(k)
+                                                                  for k in ("unet", "vae")}
+    named = "prediction_type" in configs["scheduler"] and not shipped_sd2
+    record: dict = {}
+    if prediction is not None:
+        if prediction not in probe.PREDICTIONS:
+            raise SdrtError(f"unknown prediction {prediction!r}; valid: {', '.join(probe.PREDICTIONS)}")
+        kind, record["by"] = probe.PREDICTIONS[prediction], "--prediction"
+    elif named or architecture_of(configs) != "sd2":
+        kind, record["by"] = configs["scheduler"].get("prediction_type", "epsilon"), "config"
+    else:
+        value = probe.v_probe(unet)
+        kind = "v_prediction" if probe.is_v_prediction(value) else "epsilon"
+        record |= {"by": "probe", "probe": value, "threshold": probe.V_THRESHOLD}
+        log.info("SD 2.x prediction: %s (the webui's probe: mean(out - x) = %.3f, v below %s)", kind, value,
+                 probe.V_THRESHOLD)
+    if shipped_sd2:  # the 768-v model: its sizes and schedule (the same weights' shapes as the base)
+        configs = family_configs("sd2-v" if kind == "v_prediction" else "sd2")
+    configs["scheduler"]["prediction_type"] = kind
+    return configs, {"type": kind, **record}
 
 
 CONFIGS_METADATA = "sdrt.configs"
@@ -99,24 +150,35 @@ def save_checkpoint(state_dict: dict, configs: dict, path: str | Path) -> Path:
 
 def export_checkpoint(source: str | Path, out_dir: str | Path, *, overwrite: bool = False,
                       progress: Progress | None = None, optimize: bool = True,
-                      precisions: tuple[str, ...] = ("fp32",)) -> Path:
-    """Export a checkpoint (file or diffusers folder) to a bundle at ``out_dir``."""
+                      precisions: tuple[str, ...] = ("fp32",), prediction: str | None = None) -> Path:
+    """Export a checkpoint (file or diffusers folder; SD 1.x, SD 2.x, SDXL, the refiner) to a bundle
+    at ``out_dir``. ``prediction`` (``eps`` / ``v``) overrides the prediction type
+    (:func:`decide_prediction`)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise SdrtError(f"output directory exists and is not empty: {out_dir} (pass --overwrite to replace it)")
     configs, components, info = load_checkpoint(source)
-    unet, vae, text_encoder = convert.build_modules(configs, components)
+    # The modules take the tensors over (an fp16 file's are freed one by one as they are converted)
+    unet, vae, text_encoder, *rest = convert.build_modules(configs, components, release=True)
+    del components
+    configs, decided = decide_prediction(configs, unet, prediction)
     tokenizer_dir = Path(source) / "tokenizer" if Path(source).is_dir() else None
     return export_modules(unet, vae, text_encoder, configs, out_dir, source=info,
-                          tokenizer_dir=tokenizer_dir, overwrite=overwrite, progress=progress, optimize=optimize,
-                          precisions=precisions)
+                          text_encoder_2=rest[0] if rest else None, tokenizer_dir=tokenizer_dir,
+                          overwrite=overwrite, progress=progress, optimize=optimize, precisions=precisions,
+                          notes={"prediction": decided})
 
 
 def export_modules(unet, vae, text_encoder, configs: dict, out_dir: str | Path, *, source: dict,
-                   tokenizer_dir: Path | None = None, overwrite: bool = False,
+                   text_encoder_2=None, tokenizer_dir: Path | None = None, overwrite: bool = False,
                    progress: Progress | None = None, optimize: bool = True,
-                   precisions: tuple[str, ...] = ("fp32",)) -> Path:
+                   precisions: tuple[str, ...] = ("fp32",), notes: dict | None = None) -> Path:
     """Export torch modules (diffusers UNet/VAE, transformers CLIP text model) to a bundle.
+
+    The family follows ``configs`` (:func:`sdrt.export.configs.architecture_of`): SDXL passes its
+    OpenCLIP bigG ``CLIPTextModelWithProjection`` as ``text_encoder_2`` (the refiner has only that
+    one: ``text_encoder`` None); SD 2.x and SDXL text encoder graphs also output the raw
+    ``hidden_states``, SDXL's UNet takes ``text_embeds`` and ``time_ids``.
 
     With ``optimize``, each component also gets ``model.cpu.onnx``: the graph passes of
     :mod:`sdrt.export.passes` (fused GroupNorm+SiLU, attention, GELU), for ONNX Runtime's CPU
@@ -126,7 +188,8 @@ def export_modules(unet, vae, text_encoder, configs: dict, out_dir: str | Path, 
     ``precisions`` beyond fp32 (always written) add reduced-precision variants
     (:mod:`sdrt.export.quantize`): ``int8``, the CPU UNet quantized; ``fp16``, every component
     for the CUDA provider. Each is measured against fp32 on one short generation and recorded in
-    the manifest's ``precisions``, which decides ``--precision auto``."""
+    the manifest's ``precisions``, which decides ``--precision auto``. ``notes`` join the
+    manifest's ``exporter`` record (``export_checkpoint``: how the prediction type was decided)."""
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         raise SdrtError(f"unknown precision {unknown[0]!r}; valid: {', '.join(PRECISIONS)}")
@@ -137,10 +200,20 @@ def export_modules(unet, vae, text_encoder, configs: dict, out_dir: str | Path, 
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the finished bundle private
     try:
-        manifest = _write_bundle(unet, vae, text_encoder, configs, tmp, source, tokenizer_dir, progress, optimize)
+        text_encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+        given = {name: module for name, module in text_encoders.items() if module is not None}
+        if tuple(given) != text_encoder_names(configs):
+            raise SdrtError(f"{architecture_of(configs)} configs need the text encoders "
+                            f"{', '.join(text_encoder_names(configs))}; given {', '.join(given) or 'none'}")
+        manifest = _write_bundle(unet, vae, given, configs, tmp, source, tokenizer_dir, progress, optimize)
+        if notes:
+            manifest = dataclasses.replace(manifest, exporter={**manifest.exporter, **notes})
         _save_manifest(tmp, manifest)
         if set(precisions) - {"fp32"}:
             _save_manifest(tmp, _write_precisions(tmp, manifest, precisions, optimize, progress))
+        # Which source weight each graph initializer holds, for LoRA and VAE files (export/provenance.py)
+        provenance.write_provenance(tmp, {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+                                          "unet": unet, "vae_decoder": vae, "vae_encoder": vae}, configs)
         for f in tmp.rglob("*"):  # some writers (onnx's external data) create files private to the user
             if f.is_file():
                 f.chmod(0o666 & ~umask)
@@ -168,29 +241,48 @@ def _save_manifest(bundle_dir: Path, manifest: manifests.Manifest) -> None:
     (bundle_dir / MANIFEST).write_text(json.dumps(d, indent=2) + "\n")
 
 
-def _write_bundle(unet, vae, text_encoder, configs, tmp: Path, source: dict,
+# Where each text encoder's token table and pad id go; OpenCLIP pads with id 0 after the first end
+# token (the webui's FrozenOpenCLIPEmbedder*WithCustomWords), CLIP ViT-L with eos
+_TOKEN_TABLES = {"text_encoder": manifests.TOKEN_EMBEDDINGS, "text_encoder_2": manifests.TOKEN_EMBEDDINGS_2}
+_OPENCLIP_PAD = 0
+
+
+def _write_bundle(unet, vae, text_encoders: dict, configs, tmp: Path, source: dict,
                   tokenizer_dir: Path | None, progress: Progress | None,
                   optimize: bool = True) -> manifests.Manifest:
-    tconf, uconf, vconf = configs["text_encoder"], configs["unet"], configs["vae"]
-    hidden, layers = tconf["hidden_size"], tconf["num_hidden_layers"]
+    """Write every component of ``text_encoders`` ({component: module}), the UNet and the VAE."""
+    architecture = architecture_of(configs)
+    uconf, vconf = configs["unet"], configs["vae"]
     latent_channels = vconf["latent_channels"]
     vae_scale = 2 ** (len(vconf["block_out_channels"]) - 1)
+    raw_states = architecture != "sd1"  # sd1 graphs stay as they were: two outputs
+    added = None
+    if uconf.get("addition_embed_type") == "text_time":
+        time_ids = (uconf["projection_class_embeddings_input_dim"] - configs["text_encoder_2"]["projection_dim"]) \
+            // uconf["addition_time_embed_dim"]
+        added = (configs["text_encoder_2"]["projection_dim"], time_ids)
     component_specs = {
-        "text_encoder": specs.text_encoder_spec(hidden, layers),
-        "unet": specs.unet_spec(uconf["in_channels"], uconf["out_channels"], uconf["cross_attention_dim"]),
+        name: specs.text_encoder_spec(configs[name]["hidden_size"], configs[name]["num_hidden_layers"], name=name,
+                                      raw_states=raw_states)
+        for name in text_encoders
+    }
+    component_specs |= {
+        "unet": specs.unet_spec(uconf["in_channels"], uconf["out_channels"], uconf["cross_attention_dim"], added=added),
         "vae_decoder": specs.vae_decoder_spec(latent_channels),
         "vae_encoder": specs.vae_encoder_spec(latent_channels),
     }
-    graphs = {
-        "text_encoder": onnx_export.TextEncoderGraph(text_encoder),
-        "unet": onnx_export.UNetGraph(unet),
+    graphs = {name: onnx_export.TextEncoderGraph(module, raw_states=raw_states)
+              for name, module in text_encoders.items()}
+    graphs |= {
+        "unet": onnx_export.UNetAddedGraph(unet) if added else onnx_export.UNetGraph(unet),
         "vae_decoder": onnx_export.VaeDecoderGraph(vae),
         "vae_encoder": onnx_export.VaeEncoderGraph(vae),
     }
+    names = [n for n in COMPONENTS if n in graphs]
     sizes = onnx_export.example_sizes()
-    steps = len(COMPONENTS) + 1
+    steps = len(names) + 1
     optimized = {}
-    for i, name in enumerate(COMPONENTS):
+    for i, name in enumerate(names):
         if progress:
             progress(f"exporting {name}", i, steps)
         path = onnx_export.export_component(graphs[name], component_specs[name], sizes, tmp / name)
@@ -198,14 +290,20 @@ def _write_bundle(unet, vae, text_encoder, configs, tmp: Path, source: dict,
         if optimize:
             optimized[name] = _optimize_component(path)
     if progress:
-        progress("writing tokenizer and scheduler", len(COMPONENTS), steps)
+        progress("writing tokenizer and scheduler", len(names), steps)
 
-    # Token embeddings are looked up by the runtime and fed to the text encoder graph
-    table = text_encoder.get_input_embeddings().weight.detach().to(torch.float32).numpy()
-    half = table.astype(np.float16)
-    if np.array_equal(half.astype(np.float32), table):  # an fp16 checkpoint's table: same values, half the bytes
-        table = half
-    np.save(tmp / manifests.TOKEN_EMBEDDINGS, table)
+    # Token embeddings are looked up by the runtime and fed to the text encoder graphs
+    for name, module in text_encoders.items():
+        table = module.get_input_embeddings().weight.detach().to(torch.float32).numpy()
+        half = table.astype(np.float16)
+        if np.array_equal(half.astype(np.float32), table):  # an fp16 checkpoint's table: same values, half the bytes
+            table = half
+        np.save(tmp / _TOKEN_TABLES[name], table)
+    projection = None
+    if "text_encoder_2" in text_encoders:  # OpenCLIP bigG's pooled output: h_eos @ P, P = [hidden, projection]
+        weight = text_encoders["text_encoder_2"].text_projection.weight.detach().to(torch.float32)
+        np.save(tmp / manifests.TEXT_PROJECTION, np.ascontiguousarray(weight.T.numpy()))
+        projection = manifests.TEXT_PROJECTION
 
     if tokenizer_dir is not None and (tokenizer_dir / "vocab.json").exists():
         shutil.copytree(tokenizer_dir, tmp / "tokenizer")
@@ -213,12 +311,27 @@ def _write_bundle(unet, vae, text_encoder, configs, tmp: Path, source: dict,
     else:
         tokenizer = ClipTokenizer.default()
         tokenizer.write_files(tmp / "tokenizer")
+    if "text_encoder_2" in text_encoders:  # the optimum / diffusers SDXL layout has a second tokenizer folder
+        second = tokenizer_dir.parent / "tokenizer_2" if tokenizer_dir is not None else None
+        if second is not None and (second / "vocab.json").exists():
+            shutil.copytree(second, tmp / "tokenizer_2")
+        else:
+            tokenizer.write_files(tmp / "tokenizer_2")
     sched = dict(configs["scheduler"])
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
-    (tmp / "model_index.json").write_text(json.dumps(_model_index(), indent=2) + "\n")
+    (tmp / "model_index.json").write_text(json.dumps(_model_index(configs), indent=2) + "\n")
     if progress:
         progress("done", steps, steps)
+
+    def info(name: str) -> manifests.TextEncoderInfo | None:
+        if name not in text_encoders:
+            return None
+        conf = configs[name]
+        pad = tokenizer.pad_id if architecture == "sd1" or conf.get("hidden_act") != "gelu" else _OPENCLIP_PAD
+        return manifests.TextEncoderInfo(conf["hidden_size"], conf["num_hidden_layers"], _TOKEN_TABLES[name],
+                                         tokenizer.bos_id, tokenizer.eos_id, pad,
+                                         projection if name == "text_encoder_2" else None)
 
     import diffusers
     import onnx
@@ -227,18 +340,18 @@ def _write_bundle(unet, vae, text_encoder, configs, tmp: Path, source: dict,
     from sdrt import runtime
 
     return manifests.Manifest(
-        architecture="sd1",
+        architecture=architecture,
         prediction_type=sched.get("prediction_type", "epsilon"),
         latent_channels=latent_channels,
         vae_scale_factor=vae_scale,
         latent_scale_factor=vconf.get("scaling_factor", 0.18215),
         default_size=(uconf["sample_size"] * vae_scale,) * 2,
         scheduler=manifests.Scheduler(*(sched[k] for k in manifests.Scheduler.__dataclass_fields__)),
-        text_encoder=manifests.TextEncoderInfo(hidden, layers, manifests.TOKEN_EMBEDDINGS,
-                                               tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id),
+        text_encoder=info("text_encoder"),
+        text_encoder_2=info("text_encoder_2"),
         components={name: manifests.Component(manifests.component_path(name), "fp32", component_specs[name],
                                               optimized.get(name, {}))
-                    for name in COMPONENTS},
+                    for name in names},
         source=manifests.Source(**source),
         exporter={
             "sdrt": runtime.__version__,
@@ -248,6 +361,7 @@ def _write_bundle(unet, vae, text_encoder, configs, tmp: Path, source: dict,
             "onnx": onnx.__version__,
             "opset": onnx_export.OPSET,
         },
+        format_version=manifests.format_version_for(architecture),
     )
 
 
@@ -273,16 +387,27 @@ def _optimize_component(path: Path) -> dict[str, manifests.Variant]:
 
 def _write_precisions(tmp: Path, manifest: manifests.Manifest, precisions: tuple[str, ...], optimize: bool,
                       progress: Progress | None) -> manifests.Manifest:
-    """Add the reduced-precision variants to a written bundle, measure each, return the manifest."""
+    """Add the reduced-precision variants to a written bundle, measure each, return the manifest.
+
+    ``mixed`` writes no graphs: it needs ``int8`` and ``int8-static`` (added when not asked) and
+    comes last, choosing per component from their measurements (:func:`_write_mixed`)."""
+    if "mixed" in precisions:
+        precisions = (*dict.fromkeys(p for p in (*precisions, "int8", "int8-static") if p != "mixed"), "mixed")
     for precision in precisions:
         if precision == "fp32":
+            continue
+        if precision == "mixed":
+            manifest = _write_mixed(tmp, manifest, progress)
             continue
         kind, suffix = PRECISION_KINDS[precision], precision_mod.SUFFIXES[precision]
         key = manifests.variant_key(kind, precision)
         if progress:
             progress(f"writing {precision} graphs", 0, 2)
-        names = COMPONENTS if precision == "fp16" else ("unet",)
-        calibration = precision_mod.calibration_feeds(tmp) if precision == "int8-static" else None
+        names = ([n for n in COMPONENTS if n in manifest.components] if precision == "fp16"
+                 else [n for n in precision_mod.STATIC_COMPONENTS if n in manifest.components]
+                 if precision == "int8-static" else ("unet",))
+        calibration = precision_mod.calibration_feeds(tmp, components=tuple(names)) \
+            if precision == "int8-static" else None
         details = {}
         for name in names:
             entry = manifest.components[name]
@@ -302,14 +427,18 @@ def _write_precisions(tmp: Path, manifest: manifests.Manifest, precisions: tuple
                 report = precision_mod.quantize_int8(tmp / fused.path if fused else portable, target)
             else:
                 # From the portable graph (the calibration runs it on plain ONNX Runtime), fused after
-                report = precision_mod.quantize_int8_static(portable, target, calibration, optimize=optimize)
+                report = precision_mod.quantize_int8_static(portable, target, calibration[name], optimize=optimize,
+                                                            stream_input=precision_mod.STATIC_COMPONENTS[name])
             log.info("%s: %s", name, report.summary())
+            kept = {"kept_float": report.kept_float} if report.kept_float else {}
             manifest = manifest.with_variant(name, key, manifests.Variant(
                 f"{name}/{target.name}", precision, report.custom_ops,
-                {"quantized": report.counts, "bf16_attention": report.bf16_attention}))
-            details[name] = report.counts
+                {"quantized": report.counts, "bf16_attention": report.bf16_attention, **kept}))
+            details[name] = {**report.counts, **kept}
         ran = None if calibration is None else {"prompts": list(precision_mod.CALIBRATION_PROMPTS),
-                                                "seed": precision_mod.CALIBRATION_SEED, "feeds": len(calibration)}
+                                                "seed": precision_mod.CALIBRATION_SEED,
+                                                "feeds": len(calibration["unet"]),
+                                                **{f"{n}_feeds": len(calibration[n]) for n in names if n != "unet"}}
         record = manifests.PrecisionRecord(details, precision_mod.DEFAULT_MIN_PSNR, calibration=ran)
         manifest = manifest.with_precision(kind, precision, record)
         _save_manifest(tmp, manifest)
@@ -327,6 +456,46 @@ def _write_precisions(tmp: Path, manifest: manifests.Manifest, precisions: tuple
     return manifest
 
 
+def _write_mixed(tmp: Path, manifest: manifests.Manifest, progress: Progress | None) -> manifests.Manifest:
+    """The ``mixed`` CPU precision: per component the fastest variant (int8-static, then int8)
+    whose own measured effect on the final image reached the bar (``components`` of each
+    precision's measurement), the rest fp32; then the combination measured as a whole. While it
+    misses the bar, the component whose choice cost the most steps down to its next variant."""
+    cpu = manifest.precisions.get("cpu", {})
+    options: dict[str, list[tuple[str, float | None]]] = {}  # component -> [(precision, its own PSNR)], fastest first
+    for precision in ("int8-static", "int8"):
+        effects = ((cpu.get(precision) or manifests.PrecisionRecord({})).fidelity or {}).get("components", {})
+        for name, effect in effects.items():
+            if effect.get("default"):
+                options.setdefault(name, []).append((precision, effect.get("image_psnr")))
+    choice = {name: 0 for name in manifest.components if name in options}  # in the bundle's order
+    tried = []
+    while True:
+        chosen = {name: options[name][k][0] if k < len(options[name]) else "fp32" for name, k in choice.items()}
+        components = {name: {"precision": p, "own_image_psnr": next((db for q, db in options[name] if q == p), None)}
+                      for name, p in chosen.items()}
+        record = manifests.PrecisionRecord(components, precision_mod.DEFAULT_MIN_PSNR)
+        manifest = manifest.with_precision("cpu", "mixed", record)
+        _save_manifest(tmp, manifest)
+        if all(p == "fp32" for p in chosen.values()):
+            break  # nothing held its own: mixed is fp32, opt-in and not measured
+        if progress:
+            progress("measuring mixed against fp32", 1, 2)
+        f = {**precision_mod.measure(tmp, "mixed", device="cpu"), "device": "cpu", "tried": tried}
+        record = dataclasses.replace(record, fidelity=f, default=f["default"])
+        manifest = manifest.with_precision("cpu", "mixed", record)
+        log.info("mixed (%s): final image %s dB against fp32", ", ".join(f"{k} {v}" for k, v in chosen.items()),
+                 f["image_psnr"])
+        if f["default"]:
+            break
+        tried.append({"components": chosen, "image_psnr": f["image_psnr"]})
+        # the choice whose own effect was the largest (lowest PSNR) steps down
+        worst = min((n for n, p in chosen.items() if p != "fp32"),
+                    key=lambda n: components[n]["own_image_psnr"] or float("inf"))
+        choice[worst] += 1
+    return manifest
+
+
 def _cuda_available() -> bool:
     import onnxruntime
 
@@ -334,22 +503,39 @@ def _cuda_available() -> bool:
 
 
 def _component_config(name: str, configs: dict) -> dict:
-    key = {"text_encoder": "text_encoder", "unet": "unet"}.get(name, "vae")
+    key = name if name in ("text_encoder", "text_encoder_2", "unet") else "vae"
     return dict(configs[key])
 
 
-def _model_index() -> dict:
+def _model_index(configs: dict) -> dict:
+    """The diffusers ``model_index.json``: SD 1.x / 2.x as StableDiffusionPipeline, SDXL (and its
+    refiner) as StableDiffusionXLPipeline (which names both text encoders and tokenizers)."""
     import diffusers
 
+    scheduler = configs["scheduler"].get("_class_name", "PNDMScheduler")
+    if configs.get("text_encoder_2") is None:
+        return {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", scheduler],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+    first = configs.get("text_encoder") is not None
     return {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionXLImg2ImgPipeline" if not first else "StableDiffusionXLPipeline",
         "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", scheduler],
+        "text_encoder": ["transformers", "CLIPTextModel"] if first else [None, None],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"] if first else [None, None],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }

@@ -23,15 +23,38 @@ log = logging.getLogger(__name__)
 MANIFEST = "sdrt.json"
 FORMAT = "sdrt-bundle"
 OPTIMUM_FORMAT = "optimum"  # the format of inferred manifests; never written
-FORMAT_VERSION = 1
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-REQUIRED = ("text_encoder", "unet", "vae_decoder")
+# The newest format this sdrt reads. SD 1.x bundles are still written as version 1 (what sdrt read
+# before SD 2.x and SDXL); the other families as 2, which an older sdrt refuses instead of running
+# them as SD 1.x (eos padding, normed CLIP-skip states, no added conditioning).
+FORMAT_VERSION = 2
+SD1_FORMAT_VERSION = 1
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+REQUIRED = ("text_encoder", "unet", "vae_decoder")  # SD 1.x / 2.x; see required_components
+# The text encoders each architecture conditions on (SDXL: CLIP ViT-L and OpenCLIP bigG side by side)
+TEXT_ENCODERS = {"sdxl": ("text_encoder", "text_encoder_2"), "sdxl-refiner": ("text_encoder_2",)}
 TOKEN_EMBEDDINGS = "text_encoder/token_embeddings.npy"
+TOKEN_EMBEDDINGS_2 = "text_encoder_2/token_embeddings.npy"
+TEXT_PROJECTION = "text_encoder_2/text_projection.npy"  # float32 [hidden, projection]: pooled = h_eos @ P
 TOKENIZER_FILES = ("tokenizer/vocab.json", "tokenizer/merges.txt")  # where the text encoder looks (fixed)
 BETA_SCHEDULES = ("scaled_linear", "linear")  # what schedules.alphas_cumprod computes
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the Denoiser converts
 # CLIP's special tokens (SD 1.x pads with EOS), defined with the tokenizer
 _CLIP_BOS, _CLIP_EOS = BOS_TOKEN_ID, EOS_TOKEN_ID
+
+
+def text_encoders(architecture: str) -> tuple[str, ...]:
+    """The text encoder components an architecture conditions on, in conditioning order."""
+    return TEXT_ENCODERS.get(architecture, ("text_encoder",))
+
+
+def required_components(architecture: str) -> tuple[str, ...]:
+    """The components a bundle of ``architecture`` cannot run without (the VAE encoder is optional)."""
+    return (*text_encoders(architecture), "unet", "vae_decoder")
+
+
+def format_version_for(architecture: str) -> int:
+    """The format version a bundle of ``architecture`` is written with (see :data:`FORMAT_VERSION`)."""
+    return SD1_FORMAT_VERSION if architecture == "sd1" else FORMAT_VERSION
 
 
 def component_path(name: str) -> str:
@@ -75,12 +98,14 @@ class TextEncoderInfo:
     token_embeddings: str | None = None  # sdrt bundles: the table the runtime looks tokens up in
     bos_token_id: int = _CLIP_BOS
     eos_token_id: int = _CLIP_EOS
-    pad_token_id: int = _CLIP_EOS
+    pad_token_id: int = _CLIP_EOS  # what fills a chunk after its first end token: eos (CLIP), 0 (OpenCLIP)
+    projection: str | None = None  # OpenCLIP bigG: the pooled output's projection (TEXT_PROJECTION)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        if self.token_embeddings is None:
-            del d["token_embeddings"]
+        for key in ("token_embeddings", "projection"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -153,8 +178,9 @@ class Manifest:
     latent_scale_factor: float  # the VAE's scaling_factor
     default_size: tuple[int, int]  # width, height
     scheduler: Scheduler
-    text_encoder: TextEncoderInfo
+    text_encoder: TextEncoderInfo | None  # component text_encoder; None for the SDXL refiner
     components: dict[str, Component]
+    text_encoder_2: TextEncoderInfo | None = None  # component text_encoder_2 (SDXL's OpenCLIP bigG)
     source: Source = Source()
     exporter: dict | None = None  # library versions of the export
     # {device kind: {precision: record}}
@@ -174,7 +200,7 @@ class Manifest:
             "latent_scale_factor": self.latent_scale_factor,
             "default_size": list(self.default_size),
             "scheduler": self.scheduler.to_json(),
-            "text_encoder": self.text_encoder.to_json(),
+            **{name: info.to_json() for name, info in self.text_encoder_infos().items()},
             "components": {n: c.to_json() for n, c in self.components.items()},
             "source": self.source.to_json(),
         }
@@ -203,8 +229,17 @@ class Manifest:
         m.check_paths(bundle_path, where)
         return m
 
+    def text_encoder_infos(self) -> dict[str, TextEncoderInfo]:
+        """``{component: info}`` of the text encoders the manifest describes."""
+        infos = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {name: info for name, info in infos.items() if info is not None}
+
     def check(self, where: str) -> None:
         """The checks across fields that parsing alone does not make."""
+        infos = self.text_encoder_infos()
+        for name in text_encoders(self.architecture):
+            if name not in infos:
+                raise CheckpointError(f"{where}: {name} is missing (a {self.architecture} bundle conditions on it)")
         f = self.vae_scale_factor
         if f & (f - 1):
             raise CheckpointError(f"{where}: vae_scale_factor must be a power of two, got {f}")
@@ -224,8 +259,10 @@ class Manifest:
         for n, c in self.components.items():
             out[f"components.{n}.path"] = c.path
             out |= {f"components.{n}.optimized.{k}.path": v.path for k, v in c.optimized.items()}
-        if self.text_encoder.token_embeddings is not None:
-            out["text_encoder.token_embeddings"] = self.text_encoder.token_embeddings
+        for name, info in self.text_encoder_infos().items():
+            for key in ("token_embeddings", "projection"):
+                if getattr(info, key) is not None:
+                    out[f"{name}.{key}"] = getattr(info, key)
         return out
 
     def check_paths(self, bundle_path: Path, where: str) -> None:
@@ -321,15 +358,13 @@ def _parse(d: dict, f: _Fields) -> Manifest:
                           f.number(s, "beta_end", "scheduler.", below=1),
                           f.choice(s, "beta_schedule", BETA_SCHEDULES, "scheduler."))
 
-    t = f.obj(d, "text_encoder")
-    text = TextEncoderInfo(f.integer(t, "hidden_size", "text_encoder."),
-                           f.integer(t, "num_layers", "text_encoder.", default=None),
-                           f.path(t, "token_embeddings", "text_encoder.", default=None),
-                           *(f.integer(t, k, "text_encoder.", minimum=0, default=v) for k, v in
-                             (("bos_token_id", _CLIP_BOS), ("eos_token_id", _CLIP_EOS), ("pad_token_id", _CLIP_EOS))))
+    architecture = f.string(d, "architecture")
+    needed = text_encoders(architecture)  # the refiner has no text_encoder; SD 1.x / 2.x no text_encoder_2
+    text, text_2 = (_text_encoder(f, d, name, default=... if name in needed else None)
+                    for name in ("text_encoder", "text_encoder_2"))
 
     entries = f.obj(d, "components")
-    for name in REQUIRED:
+    for name in required_components(architecture):
         f.obj(entries, name, "components.")
     components = {name: _component(f, name, entries) for name in entries}
 
@@ -340,7 +375,7 @@ def _parse(d: dict, f: _Fields) -> Manifest:
 
     source = f.obj(d, "source", default={})
     return Manifest(
-        architecture=f.string(d, "architecture"),
+        architecture=architecture,
         prediction_type=f.choice(d, "prediction_type", PREDICTION_TYPES),
         latent_channels=f.integer(d, "latent_channels"),
         vae_scale_factor=f.integer(d, "vae_scale_factor"),
@@ -349,12 +384,28 @@ def _parse(d: dict, f: _Fields) -> Manifest:
         scheduler=scheduler,
         text_encoder=text,
         components=components,
+        text_encoder_2=text_2,
         source=Source(*(f.string(source, k, "source.", default=None) for k in ("name", "kind", "sha256", "hash"))),
         exporter=f.obj(d, "exporter", default=None),
         precisions=precisions,
         format=d["format"],
         format_version=d.get("format_version"),
     )
+
+
+def _text_encoder(f: _Fields, d: dict, name: str, default=...) -> TextEncoderInfo | None:
+    """A text encoder's manifest entry (``pad_token_id`` null reads as eos, the CLIP default)."""
+    t = f.obj(d, name, default=default)
+    if t is None:
+        return None
+    p = f"{name}."
+    pad = f.integer(t, "pad_token_id", p, minimum=0, default=None) if "pad_token_id" in t else _CLIP_EOS
+    return TextEncoderInfo(f.integer(t, "hidden_size", p), f.integer(t, "num_layers", p, default=None),
+                           f.path(t, "token_embeddings", p, default=None),
+                           f.integer(t, "bos_token_id", p, minimum=0, default=_CLIP_BOS),
+                           f.integer(t, "eos_token_id", p, minimum=0, default=_CLIP_EOS),
+                           _CLIP_EOS if pad is None else pad,
+                           f.path(t, "projection", p, default=None))
 
 
 def _component(f: _Fields, name: str, entries: dict) -> Component:
@@ -418,6 +469,8 @@ class Bundle:
         variants = self.schema.components[name].optimized
         if os.environ.get("SDRT_GRAPHS", "auto") == "portable":
             return self.component(name)
+        if precision == "mixed":  # per component, the precision the export's measurement chose
+            precision = self.mixed_components(device).get(name, "fp32")
         for key in dict.fromkeys((variant_key(kind, precision), variant_key(kind))):
             variant = variants.get(key)
             if not variant:
@@ -438,10 +491,21 @@ class Bundle:
     def default_precision(self, device: str = "cpu") -> str:
         """What ``--precision auto`` runs on ``device``: an exported reduced precision whose
         measured final-image PSNR against fp32 met the bar (``default`` in its record), else fp32;
-        the fastest such one when several did (int8-static, then int8)."""
+        the fastest such one when several did (int8-static, then mixed, then int8)."""
         records = self.schema.precisions.get(device.split(":")[0], {})
         passed = {p for p, r in records.items() if r.default and self._holds_here(p, r)}
-        return next((p for p in ("int8-static", "int8", "fp16") if p in passed), "fp32")
+        return next((p for p in ("int8-static", "mixed", "int8", "fp16") if p in passed), "fp32")
+
+    def mixed_components(self, device: str = "cpu") -> dict[str, str]:
+        """{component: precision} of the ``mixed`` precision (``sdrt export --precision mixed``):
+        per component the fastest variant whose measured effect on the final image held; empty
+        when the bundle has no such record."""
+        record = self.schema.precisions.get(device.split(":")[0], {}).get("mixed")
+        if record is None:
+            return {}
+        # what the manifest names, where it is one of the CPU precisions with graphs; else fp32
+        return {k: v.get("precision") if isinstance(v, dict) and v.get("precision") in ("int8", "int8-static")
+                else "fp32" for k, v in record.components.items()}
 
     @staticmethod
     def _holds_here(precision: str, record: PrecisionRecord) -> bool:
@@ -495,8 +559,16 @@ class Bundle:
         return self.schema.scheduler.to_json()
 
     @property
-    def text_encoder(self) -> dict:
-        return self.schema.text_encoder.to_json()
+    def text_encoder(self) -> dict | None:
+        """The manifest's ``text_encoder`` entry; None for the SDXL refiner (only ``text_encoder_2``)."""
+        info = self.schema.text_encoder
+        return info.to_json() if info is not None else None
+
+    @property
+    def text_encoder_2(self) -> dict | None:
+        """SDXL's second text encoder (OpenCLIP bigG, with ``projection``); None for SD 1.x / 2.x."""
+        info = self.schema.text_encoder_2
+        return info.to_json() if info is not None else None
 
 
 def open_bundle(path: str | Path) -> Bundle:
@@ -511,7 +583,8 @@ def open_bundle(path: str | Path) -> Bundle:
     else:
         schema = _infer_manifest(path)
         raw = schema.to_json()
-    missing = [schema.components[n].path for n in REQUIRED if not (path / schema.components[n].path).exists()]
+    missing = [schema.components[n].path for n in required_components(schema.architecture)
+               if not (path / schema.components[n].path).exists()]
     if missing:
         raise CheckpointError(f"bundle {path} is incomplete: missing {', '.join(missing)}")
     return Bundle(path, schema, native, raw)
@@ -544,17 +617,35 @@ def _infer_manifest(path: Path) -> Manifest:
     vae_scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     sample_size = unet.get("sample_size", 64)
     cross = unet.get("cross_attention_dim", 768)
+    # SDXL: a text_encoder_2 folder (the refiner's optimum export has no text_encoder)
+    second = (path / "text_encoder_2").is_dir()
+    first = (path / "text_encoder").is_dir() or not second
+    if second:
+        architecture = "sdxl" if first else "sdxl-refiner"
+    else:
+        architecture = {768: "sd1", 1024: "sd2"}.get(cross, "unknown")
+        if text.get("hidden_act") == "gelu":  # OpenCLIP-H's erf GELU (CLIP ViT-L's is quick_gelu)
+            architecture = "sd2"
+
+    def text_entry(conf: dict, openclip: bool) -> dict:
+        entry = {"hidden_size": conf.get("hidden_size", cross), "num_layers": conf.get("num_hidden_layers")}
+        return entry | ({"pad_token_id": 0} if openclip else {})  # OpenCLIP pads with id 0
+
+    texts = {"text_encoder": text_entry(text, architecture == "sd2")} if first else {}
+    if second:
+        texts["text_encoder_2"] = text_entry(config("text_encoder_2/config.json"), True)
     d = {
         "format": OPTIMUM_FORMAT,
-        "architecture": {768: "sd1", 1024: "sd2"}.get(cross, "unknown"),
+        "architecture": architecture,
         "prediction_type": sched.get("prediction_type", "epsilon"),
         "latent_channels": vae.get("latent_channels", 4),
         "vae_scale_factor": vae_scale,
         "latent_scale_factor": vae.get("scaling_factor", 0.18215),
         "default_size": [sample_size * vae_scale] * 2,
         "scheduler": Scheduler(**{k: sched[k] for k in Scheduler.__dataclass_fields__ if k in sched}).to_json(),
-        "text_encoder": {"hidden_size": text.get("hidden_size", cross), "num_layers": text.get("num_hidden_layers")},
-        "components": {n: {"path": component_path(n)} for n in COMPONENTS},
+        **texts,
+        "components": {n: {"path": component_path(n)} for n in COMPONENTS
+                       if not n.startswith("text_encoder") or n in texts},
         "source": {"name": path.name},
     }
     where = f"{path} (optimum bundle)"

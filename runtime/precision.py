@@ -12,8 +12,9 @@ if TYPE_CHECKING:
     from sdrt.runtime.bundle import Bundle
 
 # The device kind each reduced precision's graphs are made for (sdrt.export.quantize): int8 and
-# int8-static CPU graphs, fp16 CUDA graphs
-PRECISION_KINDS = {"int8": "cpu", "int8-static": "cpu", "fp16": "cuda"}
+# int8-static CPU graphs, fp16 CUDA graphs; mixed: per component the fastest CPU variant whose
+# measured effect on the final image holds, no graphs of its own (Bundle.graph)
+PRECISION_KINDS = {"int8": "cpu", "int8-static": "cpu", "mixed": "cpu", "fp16": "cuda"}
 PRECISIONS = ("fp32", *PRECISION_KINDS)
 
 
@@ -73,3 +74,12 @@ def _cpuinfo_flags() -> set[str] | None:
     except OSError:
         return None
     return None
+
+
+def describe(bundle: Bundle, device: str, precision: str) -> str:
+    """The precision a pipeline runs, for the PNG text: its name, and for ``mixed`` what each
+    component runs (``mixed (unet int8, vae_decoder int8-static)``)."""
+    if precision != "mixed":
+        return precision
+    chosen = bundle.mixed_components(device)
+    return f"mixed ({', '.join(f'{k} {v}' for k, v in chosen.items() if v != 'fp32') or 'fp32'})"

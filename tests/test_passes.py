@@ -179,17 +179,32 @@ def test_attention_fusion(cross, dynamic_scale):
     np.testing.assert_allclose(_run(fused, feeds)[0], _run(model, feeds)[0], rtol=1e-4, atol=1e-5)
 
 
-def test_attention_left_alone_with_a_mask():
-    """A Softmax over masked scores (the text encoder's causal attention) is not this pattern."""
-    model = _attention_graph(cross=False, dynamic_scale=False)
+def _masked(model, mask: np.ndarray):
+    """``model`` with a mask added to the scores before the Softmax (the text encoder's causal form)."""
     nodes = list(model.graph.node)
     i = next(i for i, n in enumerate(nodes) if n.op_type == "Softmax")
     nodes[i] = helper.make_node("Softmax", ["masked"], ["probs"], axis=-1)
     nodes.insert(i, helper.make_node("Add", ["scores", "mask"], ["masked"]))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    model.graph.initializer.append(numpy_helper.from_array(np.zeros((10, 10), np.float32), "mask"))
-    fused, counts = _fused(model, ["fold_constants", "attention"])
+    model.graph.initializer.append(numpy_helper.from_array(mask, "mask"))
+    return model
+
+
+def test_attention_with_a_causal_mask_takes_it_as_attention_bias():
+    """Softmax(q k^T + mask): a 4-D mask ([1, 1, S, S], CLIP's causal one) goes into
+    MultiHeadAttention's attention_bias; a mask of another rank leaves the subgraph alone."""
+    causal = np.triu(np.full((10, 10), np.finfo(np.float32).min, np.float32), 1)
+    model = _masked(_attention_graph(cross=False, dynamic_scale=False), causal[None, None])
+    fused, counts = _fused(model, ["fold_constants", "attention", "dead_nodes"])
+    assert counts["attention"] == 1 and "Softmax" not in _ops(fused)
+    mha = next(n for n in fused.graph.node if n.op_type == "MultiHeadAttention")
+    assert list(mha.input) == ["x_q", "x_k", "x_v", "", "", "mask"] or list(mha.input)[3:] == ["", "", "mask"]
+    feeds = {"x": np.random.default_rng(4).standard_normal((2, 10, 32)).astype(np.float32)}
+    np.testing.assert_allclose(_run(fused, feeds)[0], _run(model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+    flat = _masked(_attention_graph(cross=False, dynamic_scale=False), causal)
+    fused, counts = _fused(flat, ["fold_constants", "attention"])
     assert counts["attention"] == 0 and "Softmax" in _ops(fused)
 
 
@@ -264,7 +279,7 @@ def test_exported_bundle_graphs_are_fused_and_agree(tiny_bundle):
         assert entry["custom_ops"] is True
         # one copy of the weights: the fused graph refers to the portable graph's data file
         files = sorted(p.name for p in (bundle / name).iterdir())
-        assert files == ["config.json", "model.cpu.onnx", "model.onnx", "model.onnx_data"]
+        assert files == ["config.json", "model.cpu.onnx", "model.onnx", "model.onnx_data", "provenance.json"]
     rng = np.random.default_rng(0)
     feeds = {"sample": rng.standard_normal((2, 4, 8, 6), dtype=np.float32),
              "timestep": np.array([900.0, 3.0], np.float32),
@@ -272,6 +287,30 @@ def test_exported_bundle_graphs_are_fused_and_agree(tiny_bundle):
     a = Session(bundle / "unet" / "model.onnx").run(feeds)["out_sample"]
     b = Session(bundle / "unet" / "model.cpu.onnx").run(feeds)["out_sample"]
     assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
+
+
+def test_text_encoder_causal_attention_fused(tiny_bundle):
+    """CLIP's export (heads split as [B, S, -1, d], the product reshaped to its own shape before
+    the merge, the causal mask added to the scores): every attention becomes MultiHeadAttention
+    with the mask as attention_bias, and the graph's outputs agree with the portable one's."""
+    import json
+
+    from sdrt.runtime.backends.onnxruntime import Session
+
+    entry = json.loads((tiny_bundle / "sdrt.json").read_text())["components"]["text_encoder"]["optimized"]["cpu"]
+    portable = onnx.load(str(tiny_bundle / "text_encoder" / "model.onnx"), load_external_data=False)
+    fused = onnx.load(str(tiny_bundle / entry["path"]), load_external_data=False)
+    layers = _ops(portable).count("Softmax")
+    assert layers and entry["passes"]["attention"] == layers == _ops(fused).count("MultiHeadAttention")
+    assert "Softmax" not in _ops(fused) and "Transpose" not in _ops(fused)
+    mhas = [n for n in fused.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len({n.input[5] for n in mhas}) == 1  # the one causal mask, shared by every layer
+    assert all({a.name: helper.get_attribute_value(a) for a in n.attribute}["num_heads"] == 2 for n in mhas)
+    x = np.random.default_rng(0).standard_normal((2, 77, 32)).astype(np.float32)
+    a = Session(tiny_bundle / "text_encoder" / "model.onnx").run({"inputs_embeds": x})
+    b = Session(tiny_bundle / entry["path"]).run({"inputs_embeds": x})
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-5)
 
 
 def test_sd15_unet_every_attention_and_group_norm_fused(tmp_path):
@@ -337,12 +376,15 @@ def test_no_optimize_and_graph_choice(tiny_checkpoint, tiny_bundle, tmp_path, mo
     b = open_bundle(tiny_bundle)
     assert b.graph("unet", "cpu") == tiny_bundle / "unet" / "model.cpu.onnx"
     assert b.graph("unet", "cuda:0") == tiny_bundle / "unet" / "model.onnx"  # fused ops are CPU ops
-    assert b.graph("text_encoder", "cpu") == tiny_bundle / "text_encoder" / "model.onnx"  # nothing fused
+    assert b.graph("text_encoder", "cpu") == tiny_bundle / "text_encoder" / "model.cpu.onnx"  # its attention
+    assert b.graph("vae_encoder", "cpu:0") == tiny_bundle / "vae_encoder" / "model.cpu.onnx"
     monkeypatch.setenv("SDRT_GRAPHS", "portable")
     assert b.graph("unet", "cpu") == tiny_bundle / "unet" / "model.onnx"
     monkeypatch.delenv("SDRT_GRAPHS")
     monkeypatch.setattr(bundle_mod.kernels, "available", lambda: False)
     assert b.graph("unet", "cpu") == tiny_bundle / "unet" / "model.onnx"
+    # ONNX Runtime's own ops only (no sdrt kernels): the fused text encoder runs without the library
+    assert b.graph("text_encoder", "cpu") == tiny_bundle / "text_encoder" / "model.cpu.onnx"
 
 
 def test_fused_graph_without_the_kernels_library_is_one_clear_error(tiny_bundle, monkeypatch):

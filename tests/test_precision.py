@@ -122,6 +122,7 @@ def test_quantize_int8_static(tmp_path):
     dst = tmp_path / "model.cpu-int8-static.onnx"
     report = precision.quantize_int8_static(src, dst, calibration)
     assert report.counts == {"QLinearConv": 2}  # conv_a, conv_b; the first and last stay fp32
+    assert report.kept_float == {"conv_in": "reads the graph input", "conv_out": "writes the graph output"}
     model = onnx.load(str(dst), load_external_data=False)
     assert sorted(n.name for n in model.graph.node if n.op_type == "Conv") == ["conv_in", "conv_out"]
     where = {t.name: {e.key: e.value for e in t.external_data}.get("location") for t in model.graph.initializer}
@@ -293,6 +294,94 @@ def test_verify_measures_a_precision_against_torch(precise_bundle, tiny_checkpoi
     assert_db(int8["stages"]["unet"]["psnr"], 48.6, INT8_MARGIN)  # measured 48.58
     assert int8["stages"]["text_encoder"]["psnr"] == fp32["stages"]["text_encoder"]["psnr"]  # fp32 in both
 
+
+
+def test_kept_float_convs_name_the_latent_channels(tmp_path):
+    """A convolution on the latent's 4 channels stays fp32 even away from the graph's ends (the VAE
+    decoder's conv_in after post_quant_conv)."""
+    model = onnx.load(str(_conv_model(tmp_path)), load_external_data=False)
+    assert set(precision.kept_float_convs(model)) == {"conv_in", "conv_out"}
+    model.graph.node[0].input[0] = "elsewhere"  # conv_in no longer reads the graph input
+    assert precision.kept_float_convs(model)["conv_in"] == "4 channels in, 16 out: the latent's or the image's own"
+    assert "conv_a" not in precision.kept_float_convs(model, latent_channels=15)
+    assert "conv_a" in precision.kept_float_convs(model, latent_channels=16)
+
+
+@pytest.fixture(scope="module")
+def mixed_bundle(tmp_path_factory, tiny_checkpoint) -> tuple[Path, str]:
+    """The tiny model exported with ``--precision mixed`` (which writes int8 and int8-static too)."""
+    out = tmp_path_factory.mktemp("precision") / "tiny-mixed"
+    r = run_sdrt("export", tiny_checkpoint, out, "--precision", "mixed")
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
+
+
+def test_int8_static_quantizes_the_vae_decoder(mixed_bundle):
+    """int8-static covers the VAE decoder's convolutions too, calibrated on the final latents of
+    the UNet's calibration generations; each component's own effect on the final image is measured."""
+    bundle, _ = mixed_bundle
+    m = json.loads((bundle / "sdrt.json").read_text())
+    vae = m["components"]["vae_decoder"]["optimized"]["cpu-int8-static"]
+    assert vae["path"] == "vae_decoder/model.cpu-int8-static.onnx" and vae["quantized"]["QLinearConv"] > 0
+    assert vae["quantized"]["QLinearMatMul"] == 4  # the mid-block attention's q, k, v and output projections
+    assert vae["kept_float"] == {"/post_quant_conv/Conv": "reads the graph input",
+                                 "/decoder/conv_in/Conv": "4 channels in, 16 out: the latent's or the image's own",
+                                 "/decoder/conv_out/Conv": "writes the graph output"}
+    static = m["precisions"]["cpu"]["int8-static"]
+    assert static["calibration"]["vae_decoder_feeds"] == len(precision.CALIBRATION_PROMPTS)
+    assert static["components"]["vae_decoder"]["kept_float"] == vae["kept_float"]
+    effects = static["fidelity"]["components"]
+    assert set(effects) == {"unet", "vae_decoder"}
+    assert effects["vae_decoder"]["graph"] == vae["path"]
+    # measured: the UNet's own 23.37 / 27.68 dB, the VAE decoder's own 43.13 / 43.98 dB
+    assert_db(effects["unet"]["image_psnr"], 23.4, INT8_MARGIN)
+    assert_db(effects["vae_decoder"]["image_psnr"], 43.1, INT8_MARGIN)
+    assert effects["vae_decoder"]["default"] and not effects["unet"]["default"]
+    assert [r["sampler"] for r in effects["vae_decoder"]["runs"]] == ["Euler a", "DPM++ 2M"]
+    # the VAE decoder's int8 graph alone, on the latents of a request neither calibration nor measurement used
+    pipe = Pipeline(bundle, precision="fp32")
+    p = GenerationParams("a blue square", steps=4, seed=11, sampler_name="Euler")
+    plan = pipe.plan(p)
+    latents = pipe.sample(plan, plan.batches[0], *pipe.conditioning(plan))
+    fp32 = pipe.decode_float(latents)
+    pipe.vae_decoder = Session(bundle / vae["path"])
+    assert_db(psnr(fp32, pipe.decode_float(latents), peak=1.0), 42.9, INT8_MARGIN)
+
+
+def test_mixed_precision_is_chosen_by_measurement(mixed_bundle, tmp_path, monkeypatch):
+    """mixed: per component the fastest variant whose own effect held (the UNet's int8-static did
+    not, its int8 did; the VAE decoder's int8-static did), measured whole; auto runs it, the PNG
+    text names it, and a CPU that saturates int8 products keeps fp32."""
+    import sdrt.runtime.bundle as bundle_mod
+    from sdrt.runtime.png import parse_infotext
+
+    bundle, stdout = mixed_bundle
+    m = json.loads((bundle / "sdrt.json").read_text())
+    mixed = m["precisions"]["cpu"]["mixed"]
+    assert {k: v["precision"] for k, v in mixed["components"].items()} == {"unet": "int8", "vae_decoder": "int8-static"}
+    assert_db(mixed["fidelity"]["image_psnr"], 43.1, INT8_MARGIN)  # measured 43.14 (Euler a 43.98)
+    assert mixed["default"] is (mixed["fidelity"]["image_psnr"] >= precision.DEFAULT_MIN_PSNR)
+    assert "mixed (cpu, unet int8, vae_decoder int8-static): final image" in stdout
+    if not mixed["default"] or m["precisions"]["cpu"]["int8-static"]["default"]:
+        pytest.skip("this CPU's measurement picked another default")
+
+    auto = Pipeline(bundle)
+    assert auto.precision == "mixed"
+    assert Path(auto.unet.path).name == "model.cpu-int8.onnx"
+    assert Path(auto.vae_decoder.path).name == "model.cpu-int8-static.onnx"
+    assert Path(auto.text_encoder.session.path).name == "model.cpu.onnx"  # fused, fp32
+    image = auto(prompt="a red circle", steps=2, seed=5)[0]
+    assert parse_infotext(image.infotext)[2]["Precision"] == "mixed (unet int8, vae_decoder int8-static)"
+    fp32 = Pipeline(bundle, precision="fp32")(prompt="a red circle", steps=2, seed=5)[0]
+    assert "Precision" not in parse_infotext(fp32.infotext)[2]  # fp32, as the webui's CPU runs: no field
+    path = image.save(tmp_path / "out.png")
+    from PIL import Image
+    # quoted, as the webui writes values holding a comma
+    assert 'Precision: "mixed (unet int8, vae_decoder int8-static)"' in Image.open(path).text["parameters"]
+    assert Pipeline(bundle, precision="int8-static")(prompt="x", steps=1)[0].infotext.count("Precision: int8-static") == 1
+
+    monkeypatch.setattr(bundle_mod, "int8_saturates", lambda: True)  # measured with VNNI, run without it
+    assert bundle_mod.open_bundle(bundle).default_precision("cpu") == "fp32"
 
 
 def test_int8_saturates_reads_the_cpu():

@@ -131,9 +131,13 @@ def _bad_embedding(header: str):
 # --- bundles: copies with one thing changed --------------------------------------------------------
 
 def _copy_bundle(ctx: Ctx, d: Path) -> Path:
-    """A copy of the tiny bundle whose files are hard links: change a file only through ``_replace``."""
+    """A copy of the tiny bundle whose files are hard links (change a file only through ``_replace``),
+    except the external data files, which onnx refuses to read through a hard link."""
+    def link(src, dst):
+        return shutil.copy2(src, dst) if str(src).endswith(".onnx_data") else os.link(src, dst)
+
     dst = d / "bundle"
-    shutil.copytree(ctx.bundle, dst, copy_function=os.link)
+    shutil.copytree(ctx.bundle, dst, copy_function=link)
     return dst
 
 

@@ -29,6 +29,9 @@ Deliberate differences from the webui:
   converted as Pillow does;
 - with ``img2img_fix_steps`` and strength 0 the init latents are decoded unchanged for every
   sampler (the webui does that for k-diffusion samplers and divides by zero for DDIM / PLMS).
+
+With a ``mask`` this is inpainting (``inpaint.py``); txt2img with ``enable_hr`` runs here too, as
+its second pass is img2img (``hires.py``).
 """
 
 from __future__ import annotations
@@ -43,11 +46,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from sdrt.runtime import sampling
 from sdrt.runtime.backends import open_component
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.pipeline import inpaint
+from sdrt.runtime.pipeline.hires import HiresPlan, make_hires_plan
 from sdrt.runtime.pipeline.params import GenerationParams, Img2imgParams
-from sdrt.runtime.pipeline.plan import Batch, Plan, make_plan
-from sdrt.runtime.pipeline.txt2img import GeneratedImage, Pipeline
+from sdrt.runtime.pipeline.plan import Batch, Plan, make_plan, noise_seeds
+from sdrt.runtime.pipeline.txt2img import GeneratedImage, Pipeline, _Stopped, to_uint8
+from sdrt.runtime.pipeline.upscale import resize_image, upscale_latents
 from sdrt.runtime.sampling import samplers
 from sdrt.runtime.sampling.denoiser import EpsTimestepModel, LCMDenoiser
+from sdrt.runtime.sampling.noise import ImageRNG
 
 # The webui's names of resize_mode 0..3 (its img2img "Resize mode" radio)
 RESIZE_MODES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
@@ -92,34 +99,6 @@ def flatten(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_image(mode: int, image: Image.Image, width: int, height: int) -> Image.Image:
-    """``image`` at ``width`` x ``height`` as the webui's ``images.resize_image`` with Lanczos:
-    0 stretch; 1 scale to cover and crop the centre; 2 scale to fit, centre, and fill the two bands
-    by stretching the image's edge rows or columns."""
-    if mode == 0:
-        return image.resize((width, height), Image.Resampling.LANCZOS)
-    ratio, src_ratio = width / height, image.width / image.height
-    cover = mode == 1
-    # The width is matched when covering a wider target, or fitting a wider image; else the height
-    if (ratio > src_ratio) if cover else (ratio < src_ratio):
-        src_w, src_h = width, image.height * width // image.width
-    else:
-        src_w, src_h = image.width * height // image.height, height
-    resized = image.resize((src_w, src_h), Image.Resampling.LANCZOS)
-    out = Image.new("RGB", (width, height))
-    left, top = width // 2 - src_w // 2, height // 2 - src_h // 2
-    out.paste(resized, box=(left, top))
-    if cover:
-        return out
-    if ratio < src_ratio:  # bands above and below: the first and last rows stretched
-        out.paste(resized.resize((width, top), box=(0, 0, width, 0)), box=(0, 0))
-        out.paste(resized.resize((width, top), box=(0, src_h, width, src_h)), box=(0, top + src_h))
-    elif ratio > src_ratio:  # bands left and right: the first and last columns stretched
-        out.paste(resized.resize((left, height), box=(0, 0, 0, height)), box=(0, 0))
-        out.paste(resized.resize((left, height), box=(src_w, 0, src_w, height)), box=(left + src_w, 0))
-    return out
-
-
 def resize_latents(z: np.ndarray, height: int, width: int) -> np.ndarray:
     """[n, c, h, w] -> [n, c, height, width] bilinearly as torch's ``interpolate(mode="bilinear")``
     (half-pixel centres, no antialiasing), which the webui's latent upscale resize mode uses."""
@@ -144,6 +123,7 @@ class Img2imgPlan(Plan):
     denoising_strength: float
     schedule_steps: int  # the schedule's length: steps, or more with img2img_fix_steps
     t_enc: int
+    inpaint: inpaint.Inpaint | None = None  # with a mask
 
     @property
     def steps(self) -> int:
@@ -159,6 +139,8 @@ class Img2imgPlan(Plan):
             fields[key] = value
             if key == "Seed resize from":  # the webui's place for it
                 fields["Denoising strength"] = self.denoising_strength
+            elif key == "RNG" and self.inpaint is not None:  # extra generation params follow the fixed ones
+                fields.update(self.inpaint.fields)
         multiplier = self.params.initial_noise_multiplier
         return {**fields, "Noise multiplier": multiplier if multiplier != 1.0 else None}
 
@@ -177,6 +159,11 @@ def make_img2img_plan(bundle, p: Img2imgParams, **plan_options) -> Img2imgPlan:
     m = p.initial_noise_multiplier
     if isinstance(m, bool) or not isinstance(m, (int, float, np.number)) or not np.isfinite(m):
         raise SdrtError(f"initial_noise_multiplier must be a finite number, got {m!r}")
+    if p.enable_hr:
+        raise SdrtError("enable_hr (hires fix) is a txt2img option; img2img does not take it")
+    masked = p.mask is not None and not (isinstance(p.mask, str) and p.mask == "")
+    if masked:
+        inpaint.check(p)
     images = p.init_images
     if isinstance(images, Image.Image):
         images = [images]
@@ -192,51 +179,122 @@ def make_img2img_plan(bundle, p: Img2imgParams, **plan_options) -> Img2imgPlan:
     plan = make_plan(bundle, p, **plan_options)
     if plan.sampler.fn is samplers.sample_unipc:
         raise SdrtError("sampler 'UniPC' does not support img2img in sdrt yet; use DDIM or a k-diffusion sampler")
-    if p.resize_mode != 3:
+    masking = None
+    if masked:
+        images, masking = inpaint.prepare(p, images, plan.width, plan.height, plan.latent_shape[1:])
+    elif p.resize_mode != 3:
         images = [resize_image(p.resize_mode, im, plan.width, plan.height) for im in images]
     schedule_steps, t_enc = img2img_steps(p.steps, float(d), bool(p.img2img_fix_steps))
     if schedule_steps > 0:
         sampling.check_steps(plan.sampler, schedule_steps)
     base = {f.name: getattr(plan, f.name) for f in dataclasses.fields(Plan)}
     return Img2imgPlan(**base, init_images=tuple(images), denoising_strength=d, schedule_steps=schedule_steps,
-                       t_enc=t_enc)
+                       t_enc=t_enc, inpaint=masking)
 
 
 class Img2imgPipeline(Pipeline):
     """``Pipeline`` with the VAE encoder: ``pipe.img2img(prompt, init_images=[image], denoising_strength=0.75,
     ...)`` takes the webui img2img API's field names (``Img2imgParams``); txt2img calls work as before."""
 
-    def __init__(self, bundle, *args, half_vae: bool = True, **kwargs):
+    def __init__(self, bundle, *args, half_vae: bool = True, upscalers: dict | None = None, **kwargs):
         super().__init__(bundle, *args, half_vae=half_vae, **kwargs)
+        # hires fix's model upscalers by name (ESRGAN files: upscale.ModelUpscaler), beside the built-in ones
+        self.upscalers = dict(upscalers or {})
         self.vae_encoder = open_component(self.bundle, "vae_encoder", self.device,
                                           self.precision if half_vae else "fp32", lazy=True)
+        if self.vae is not None:
+            self.vae.apply("vae_encoder", self.vae_encoder)
         self._encoded: tuple[Img2imgPlan, np.ndarray] | None = None
+        self._current: Plan | None = None  # the plan being generated (its inpainting overlays)
+        self._hr_conds: tuple[HiresPlan, object, object] | None = None  # hires fix's second-pass prompts
 
     def img2img(self, prompt: str = "", **params) -> list[GeneratedImage]:
         """Images from ``init_images`` and ``prompt``; one-line ``SdrtError`` for a wrong argument."""
         return self.generate(Img2imgParams.from_webui({"prompt": prompt, **params}))
 
     def plan(self, p: GenerationParams) -> Plan:
-        if not isinstance(p, Img2imgParams):
-            return super().plan(p)
+        self.check_refiner(p)
         tile = self.vae_tiling.size if self.vae_tiling is not None else None
-        return make_img2img_plan(self.bundle, p, check_clip_skip=self.text_encoder.check_clip_skip,
-                                 device=self.device, vae_tile=tile)
+        options = {"check_clip_skip": self.text_encoder.check_clip_skip, "device": self.device, "vae_tile": tile}
+        if isinstance(p, Img2imgParams):
+            return make_img2img_plan(self.bundle, p, **options)
+        if p.enable_hr:
+            return make_hires_plan(self.bundle, p, upscalers=tuple(self.upscalers), **options)
+        return super().plan(p)
+
+    def conditioning(self, plan: Plan | GenerationParams):
+        plan = self._as_plan(plan)
+        conds = super().conditioning(plan)
+        if isinstance(plan, HiresPlan):
+            self._hires_conditioning(plan)
+        return conds
+
+    def _hires_conditioning(self, plan: HiresPlan):
+        """The second pass's (cond, uncond): hr_prompt / hr_negative_prompt over its steps, at the
+        upscaled size (the webui's ``calculate_hr_conds``); made once per plan."""
+        if self._hr_conds is None or self._hr_conds[0] is not plan:
+            p = plan.params
+            width, height = plan.upscale_to
+            conds = self.text_encoder.conditioning(plan.hr_prompt, plan.hr_negative_prompt, plan.hr_condition_steps,
+                                                   p.clip_skip, p.pad_conds, width=width, height=height,
+                                                   crop=(p.sdxl_crop_top, p.sdxl_crop_left),
+                                                   aesthetic=(p.sdxl_refiner_high_aesthetic_score,
+                                                              p.sdxl_refiner_low_aesthetic_score))
+            self._hr_conds = (plan, *conds)
+        return self._hr_conds[1:]
 
     def encode(self, images: Sequence[Image.Image]) -> np.ndarray:
         """RGB images -> scaled latents [n, C, h, w]: one encoder run per image (as the webui), the
         posterior's mean times the latent scale factor."""
-        c = self.bundle.latent_channels
-        out = []
+        pixels = []
         for im in images:
             x = np.asarray(im, dtype=np.float32) / np.float32(255.0)
-            x = np.moveaxis(x, 2, 0)[None] * np.float32(2.0) - np.float32(1.0)
+            pixels.append(np.moveaxis(x, 2, 0) * np.float32(2.0) - np.float32(1.0))
+        return self.encode_pixels(pixels)
+
+    def encode_pixels(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Images [3, H, W] in [-1, 1] -> scaled latents [n, C, h, w], as ``encode``."""
+        c = self.bundle.latent_channels
+        out = []
+        for x in pixels:
+            x = np.ascontiguousarray(x, dtype=np.float32)[None]
             params = self.vae_encoder.run({"sample": x}, ["latent_parameters"])["latent_parameters"]
             z = params[0, :c] * np.float32(self.bundle.latent_scale_factor)
             if not np.all(np.isfinite(z)):
                 raise SdrtError(f"the VAE encoder produced NaN/Inf ({Path(self.vae_encoder.path).name})")
             out.append(z.astype(np.float32))
         return np.stack(out)
+
+    def image_conditioning(self, plan: Plan, images: int, sources: Sequence[Image.Image] | None = None,
+                           mask: Image.Image | None = None) -> np.ndarray | None:
+        """An inpainting model's image conditioning, [images, 1 + latent channels, h, w] (None for other
+        models): the webui's ``inpainting_image_conditioning``. The mask (white: repainted; rounded,
+        as the webui's ``mask_round``; all ones without one: txt2img, img2img without a mask, the hires
+        pass) at the processing size, the source images with the masked part set to 0 (mid-grey)
+        encoded, the mask brought to the latent size by nearest sampling (torch's ``interpolate``).
+        sdrt applies the mask at full weight (the webui's "inpainting conditioning mask strength" 1,
+        its default)."""
+        if not self.denoiser.image_channels:
+            return None
+        h, w = plan.latent_shape[1:]
+        if mask is None:
+            m = np.ones((plan.height, plan.width), np.float32)
+        else:
+            m = np.asarray(mask.convert("L"), dtype=np.float32) / np.float32(255.0)
+            if getattr(plan.params, "mask_round", True):
+                m = np.around(m)
+        if mask is None or sources is None:
+            pixels = [np.zeros((3, *m.shape), np.float32)]  # every pixel masked: the source does not matter
+        else:
+            pixels = [(np.moveaxis(np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0), 2, 0)
+                       * np.float32(2.0) - np.float32(1.0)) * (np.float32(1.0) - m) for im in sources]
+        z = self.encode_pixels(pixels)
+        self._done_with(self.vae_encoder, "med", "low")
+        rows = (np.arange(h) * (m.shape[0] / h)).astype(np.int64).clip(max=m.shape[0] - 1)
+        cols = (np.arange(w) * (m.shape[1] / w)).astype(np.int64).clip(max=m.shape[1] - 1)
+        small = np.broadcast_to(m[rows][:, cols], (len(z), 1, h, w))
+        cond = np.concatenate([small, z], axis=1).astype(np.float32)
+        return np.repeat(cond, images, axis=0) if len(cond) == 1 else cond
 
     def init_latents(self, plan: Img2imgPlan) -> np.ndarray:
         """The plan's init latents at the latent size, encoded once per plan (every batch starts from them)."""
@@ -249,18 +307,28 @@ class Img2imgPipeline(Pipeline):
         return self._encoded[1]
 
     def generate(self, p, callback=None) -> list[GeneratedImage]:
+        self._current = self._as_plan(p)
         try:
-            return super().generate(p, callback)
+            return super().generate(self._current, callback)
         finally:
-            self._encoded = None
+            self._encoded = self._current = self._hr_conds = None
+
+    def decode(self, latents: np.ndarray) -> list[Image.Image]:
+        """As ``Pipeline.decode``; inpainting pastes each image back over its init image (the
+        webui's ``apply_overlay``)."""
+        images = super().decode(latents)
+        masking = getattr(self._current, "inpaint", None)
+        return masking.overlay(images) if masking is not None else images
 
     def loaded(self) -> list[str]:
         return super().loaded() + (["vae_encoder"] if self.vae_encoder.loaded else [])
 
     def _sample(self, plan: Plan, batch: Batch, cond, uncond, callback) -> np.ndarray:
+        if isinstance(plan, HiresPlan):
+            return self._sample_hires(plan, batch, cond, uncond, callback)
         if not isinstance(plan, Img2imgPlan):
             return super()._sample(plan, batch, cond, uncond, callback)
-        p, info = plan.params, plan.sampler
+        p = plan.params
         init = self.init_latents(plan)
         if len(init) != len(batch.seeds):
             if len(init) != 1:
@@ -270,6 +338,58 @@ class Img2imgPipeline(Pipeline):
         noise = rng.next()
         if p.initial_noise_multiplier != 1.0:
             noise = noise * np.float32(p.initial_noise_multiplier)
+        masking = plan.inpaint
+        if masking is None:
+            return self._sample_from(plan, batch, rng, init, noise, cond, uncond, callback)
+        # latent noise: the first batch's seeds for every batch, as the webui's init
+        seeds = noise_seeds(plan.batches[0].seeds[:len(init)], plan.rng)
+        init = masking.fill_latents(init, lambda: ImageRNG(plan.latent_shape, seeds, source=plan.rng).next())
+        try:
+            x = self._sample_from(plan, batch, rng, init, noise, cond, uncond, callback, masking)
+        except _Stopped as stop:
+            stop.denoised = masking.blend(stop.denoised, init)
+            raise
+        return masking.blend(x, init)
+
+    def _sample_hires(self, plan: HiresPlan, batch: Batch, cond, uncond, callback) -> np.ndarray:
+        """txt2img at the request's size, upscaled (latents, or decoded pixels encoded again), then
+        img2img at the larger size from the same seeds' noise at that size."""
+        samples = super()._sample(plan, batch, cond, uncond, callback)
+        if self._interrupted.is_set():
+            return samples
+        (x, y), (tx, ty) = plan.upscale_to, plan.truncate
+        factor = self.bundle.vae_scale_factor
+        if plan.latent_upscale:
+            z = upscale_latents(samples, y // factor, x // factor, plan.upscaler)
+        else:
+            pixels = self.decode_float(samples)
+            self._done_with(self.vae_decoder, "low")
+            upscaler = self.upscalers.get(plan.upscaler, plan.upscaler)
+            images = [resize_image(0, Image.fromarray(to_uint8(px)), x, y, upscaler) for px in pixels]
+            z = self.encode(images)
+            self._done_with(self.vae_encoder, "med", "low")
+        z = z[:, :, ty // 2:z.shape[2] - (ty + 1) // 2, tx // 2:z.shape[3] - (tx + 1) // 2]
+        base = {f.name: getattr(plan, f.name) for f in dataclasses.fields(Plan)}
+        (w, h), shape = plan.hr_size, (plan.latent_shape[0], *z.shape[2:])
+        hr = Img2imgPlan(**{**base, "sampler": plan.hr_sampler, "schedule": plan.hr_schedule, "width": w, "height": h,
+                            "latent_shape": shape, "options": plan.hr_options},
+                         init_images=(), denoising_strength=plan.denoising_strength,
+                         schedule_steps=plan.schedule_steps, t_enc=plan.t_enc)
+        rng = self.image_rng(hr, batch)
+        hr_cond, hr_uncond = self._hires_conditioning(plan)
+        offset = plan.params.steps
+        on_event = callback and (lambda e: callback({**e, "step": e["step"] + offset, "steps": plan.steps}))
+        try:
+            return self._sample_from(hr, batch, rng, z, rng.next(), hr_cond, hr_uncond, on_event)
+        except _Stopped as stop:  # the step counted over both passes, as the progress events
+            stop.step += offset
+            raise
+
+    def _sample_from(self, plan: Img2imgPlan, batch: Batch, rng: ImageRNG, init: np.ndarray, noise: np.ndarray,
+                     cond, uncond, callback, masking: inpaint.Inpaint | None = None) -> np.ndarray:
+        """The partial schedule from ``init`` and its start ``noise`` (``rng``'s first draw; the
+        sampler draws on from ``rng``), blending in ``init`` each step with a mask."""
+        info = plan.sampler
         if plan.schedule_steps == 0:
             return init
         options = dict(plan.options)
@@ -279,7 +399,15 @@ class Img2imgPipeline(Pipeline):
         def next_noise(sigma, sigma_next):
             return rng.next()
 
-        guided = self._guided(plan, cond, uncond)
+        image_cond = None
+        if self.denoiser.image_channels:
+            sources = plan.init_images if masking is not None else None
+            image_cond = self.image_conditioning(plan, len(init), sources, masking.image_mask if masking else None)
+            if len(image_cond) != len(init):
+                image_cond = np.repeat(image_cond[:1], len(init), axis=0)
+        guided = self._guided(plan, cond, uncond, image_cond)
+        if masking is not None:
+            guided = masking.guided(guided, init, before=info.family == "timesteps")
 
         if info.family == "timesteps":
             ac = self.denoiser.alphas_cumprod

@@ -48,6 +48,30 @@ class GenerationParams:
     # Pad the shorter of prompt and negative prompt with empty chunks so both go through the UNet
     # in one batch (the webui's "Pad prompt/negative prompt to be same length", off there by default)
     pad_conds: bool = True
+    # Hires fix (txt2img's "Hires. fix", runtime/pipeline/hires.py): a second img2img pass at
+    # hr_scale times the size (or hr_resize_x / hr_resize_y), from the first pass upscaled by
+    # hr_upscaler (None: "Latent"); hr_second_pass_steps 0 = steps; None / "" for the hr sampler,
+    # scheduler and prompts = the first pass's. denoising_strength is the second pass's.
+    enable_hr: bool = False
+    denoising_strength: float = 0.75
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    # The refiner (the webui's names): the second model, which the pipeline must have attached
+    # (Pipeline.set_refiner; sdrt generate --refiner MODEL), takes over at the switch
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    # SDXL's conditioning settings: the crop it is told of, the refiner's aesthetic scores
+    sdxl_crop_top: int = 0
+    sdxl_crop_left: int = 0
+    sdxl_refiner_high_aesthetic_score: float = 6.0
+    sdxl_refiner_low_aesthetic_score: float = 2.5
     # webui payload fields this request type adds to the neutral ones (the img2img-only fields)
     _neutral_extra: ClassVar[dict] = {}
 
@@ -98,10 +122,8 @@ _ALIASES = {"sampler": "sampler_name", "sampler_index": "sampler_name", "batch_c
 # that is off (hires fix settings while enable_hr is false) or saving, which the caller does
 _NEUTRAL: dict[str, tuple | None] = {
     "styles": (None, [], ()), "restore_faces": (None, False), "tiling": (None, False),
-    "enable_hr": (None, False), "denoising_strength": None, "firstphase_width": None, "firstphase_height": None,
-    "hr_scale": None, "hr_upscaler": None, "hr_second_pass_steps": None, "hr_resize_x": None, "hr_resize_y": None,
-    "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": None,
-    "hr_negative_prompt": None, "refiner_checkpoint": (None, ""), "refiner_switch_at": None,
+    "firstphase_width": (None, 0), "firstphase_height": (None, 0),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"),
     "s_min_uncond": (None, 0, 0.0), "do_not_save_samples": None, "do_not_save_grid": None, "send_images": None,
     "save_images": (None, False), "script_name": (None, ""), "script_args": (None, [], ()),
     "alwayson_scripts": (None, {}), "override_settings_restore_afterwards": None,
@@ -113,7 +135,9 @@ _NEUTRAL: dict[str, tuple | None] = {
 _SETTINGS = {"CLIP_stop_at_last_layers": "clip_skip", "eta_noise_seed_delta": "ensd", "randn_source": "rng",
              "pad_cond_uncond": "pad_conds", "s_churn": "s_churn", "s_tmin": "s_tmin",
              "s_tmax": "s_tmax", "s_noise": "s_noise",
-             "img2img_fix_steps": "img2img_fix_steps", "initial_noise_multiplier": "initial_noise_multiplier"}
+             "img2img_fix_steps": "img2img_fix_steps", "initial_noise_multiplier": "initial_noise_multiplier",
+             **{k: k for k in ("sdxl_crop_top", "sdxl_crop_left", "sdxl_refiner_high_aesthetic_score",
+                               "sdxl_refiner_low_aesthetic_score")}}
 
 
 def _settings(settings) -> dict:
@@ -135,17 +159,27 @@ class Img2imgParams(GenerationParams):
     ``init_images``: PIL images (one, used for every image of a batch, or up to ``batch_size``);
     ``resize_mode``: 0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent
     upscale); ``img2img_fix_steps``: the webui's "do exactly the amount of steps the slider
-    specifies" setting. ``denoising_strength`` is a neutral field of txt2img (used there only by
-    hires fix, as in the webui) and a real one here."""
+    specifies" setting."""
     init_images: list = field(default_factory=list)
     resize_mode: int = 0
     denoising_strength: float = 0.75
     initial_noise_multiplier: float = 1.0
     img2img_fix_steps: bool = False
-    # img2img payload fields that configure inpainting, which is off while no mask is given
-    _neutral_extra: ClassVar[dict] = {
-        "mask": (None, ""), "latent_mask": (None, ""), "mask_blur": None, "mask_blur_x": None, "mask_blur_y": None,
-        "inpainting_fill": None, "inpaint_full_res": None, "inpaint_full_res_padding": None,
-        "inpainting_mask_invert": None, "mask_round": None, "include_init_images": None,
-        "image_cfg_scale": None,
-    }
+    # Inpainting (runtime/pipeline/inpaint.py), the webui API's names and defaults: mask (a PIL
+    # image, white = repaint; None: plain img2img), mask_blur (sets both of mask_blur_x / _y),
+    # inpainting_fill 0 fill / 1 original / 2 latent noise / 3 latent nothing, inpaint_full_res
+    # ("only masked", the API's default; the webui's page defaults to the whole picture)
+    mask: object = None
+    mask_blur: int | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    # the mask the latents are blended and filled with, when it is not ``mask`` (at the request's
+    # size; the webui's poor man's outpainting sets it)
+    latent_mask: object = None
+    # img2img payload fields sdrt accepts at their neutral values only
+    _neutral_extra: ClassVar[dict] = {"include_init_images": None, "image_cfg_scale": None}

@@ -92,16 +92,19 @@ class Plan:
 
 def make_plan(bundle: Bundle, p: GenerationParams, *,
               check_clip_skip: Callable[[int], None] | None = None, device: str = "cpu",
-              vae_tile: int | None = None) -> Plan:
+              vae_tile: int | None = None, allow_hires: bool = False) -> Plan:
     """Validate ``p`` against ``bundle`` with one-line errors, and resolve it.
 
     ``check_clip_skip``: the text encoder's own check of the CLIP skip it can give; ``device`` and
-    ``vae_tile`` (the VAE's tile side in latent pixels, None: whole images) size the memory check."""
+    ``vae_tile`` (the VAE's tile side in latent pixels, None: whole images) size the memory check.
+    ``allow_hires``: the caller runs hires fix (``hires.make_hires_plan``); else ``enable_hr`` is refused."""
     if not isinstance(p.prompt, str) or not isinstance(p.negative_prompt, str):
         raise SdrtError("prompt and negative prompt must be text")
+    if p.enable_hr and not allow_hires:
+        raise SdrtError("hires fix (enable_hr) needs the VAE encoder's pipeline: Img2imgPipeline or sdrt.Pipeline")
     info, schedule = sampling.resolve(p.sampler_name, p.scheduler)
     _integers(p, "steps", "batch_size", "n_iter", "seed", "subseed", "seed_resize_from_w", "seed_resize_from_h",
-              "clip_skip", "ensd")
+              "clip_skip", "ensd", "sdxl_crop_top", "sdxl_crop_left")
     # None: the bundle's size; an explicit 0 is an error (the webui's API has no "0 = default")
     width = bundle.default_size[0] if p.width is None else p.width
     height = bundle.default_size[1] if p.height is None else p.height
@@ -110,7 +113,8 @@ def make_plan(bundle: Bundle, p: GenerationParams, *,
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % 8 or v % f:
             raise SdrtError(f"{name} must be a positive multiple of {max(8, f)}, got {v}")
     sampling.check_steps(info, p.steps)
-    for name in ("cfg_scale", "subseed_strength", "s_noise", "s_churn", "s_tmin", "s_tmax"):
+    for name in ("cfg_scale", "subseed_strength", "s_noise", "s_churn", "s_tmin", "s_tmax",
+                 "sdxl_refiner_high_aesthetic_score", "sdxl_refiner_low_aesthetic_score"):
         if not _finite(getattr(p, name)):
             raise SdrtError(f"{name} must be a finite number, got {getattr(p, name)!r}")
     if p.eta is not None and not _finite(p.eta):

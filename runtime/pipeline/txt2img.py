@@ -10,19 +10,31 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
 from sdrt.runtime import __version__, png, sampling
 from sdrt.runtime.backends import Backend, open_component
 from sdrt.runtime.bundle import Bundle, open_bundle
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.networks.apply import Networks
+from sdrt.runtime.networks.vae import ExternalVae, with_vae_fields
 from sdrt.runtime.pipeline import tiling
 from sdrt.runtime.pipeline.params import GenerationParams
 from sdrt.runtime.pipeline.plan import Batch, Plan, make_plan, noise_seeds
-from sdrt.runtime.precision import resolve_precision
+from sdrt.runtime.precision import describe, resolve_precision
 from sdrt.runtime.sampling import schedules
-from sdrt.runtime.sampling.denoiser import CFGDenoiser, Denoiser, EpsTimestepModel, LCMDenoiser
+from sdrt.runtime.sampling.denoiser import (
+    CFGDenoiser,
+    Denoiser,
+    EpsTimestepModel,
+    LCMDenoiser,
+    RefinerSwitch,
+)
 from sdrt.runtime.sampling.noise import BrownianTreeNoise, ImageRNG
-from sdrt.runtime.text.encoder import CondSchedule, MultiCond, TextEncoder, ti_hashes
+from sdrt.runtime.text.encoder import (
+    CondSchedule,
+    MultiCond,
+    make_text_encoder,
+    ti_hashes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +85,8 @@ class Pipeline:
     def __init__(self, bundle: Bundle | str | Path, device: str = "cpu",
                  embeddings_dir: str | Path | list | None = None, memory: str = "normal",
                  vae_tiling: tiling.TileSpec | None = None, cuda_graph: bool = False,
-                 precision: str = "auto", half_vae: bool = True):
+                 precision: str = "auto", half_vae: bool = True, lora_dir: str | Path | list | None = None,
+                 vae: str | Path | None = None):
         if memory not in MEMORY_MODES:
             raise SdrtError(f"unknown memory mode {memory!r}; valid modes: {', '.join(MEMORY_MODES)}")
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
@@ -81,23 +94,76 @@ class Pipeline:
         self.memory = memory
         self.vae_tiling = vae_tiling  # None: decode whole images
         self.precision = resolve_precision(self.bundle, device, precision)
-        self.text_encoder = TextEncoder(self.bundle, device, embeddings_dir=embeddings_dir, precision=self.precision)
+        # SDXL: both text encoders (sdrt.runtime.text.encoder.SDXLConditioner)
+        self.text_encoder = make_text_encoder(self.bundle, device, embeddings_dir=embeddings_dir,
+                                              precision=self.precision)
         if memory != "normal":
-            self.text_encoder.session.release()
+            self.text_encoder.release()
         unet = open_component(self.bundle, "unet", device, self.precision, lazy=memory == "low",
                               cuda_graph=cuda_graph)
         # The VAE at reduced precision only when asked (half_vae=False is the webui's --no-half-vae)
         self.vae_decoder = open_component(self.bundle, "vae_decoder", device,
                                           self.precision if half_vae else "fp32", lazy=memory != "normal")
+        # An external VAE file: its weights replace the VAE graphs' (runtime/networks/vae.py)
+        self.vae = ExternalVae(self.bundle, vae) if vae is not None else None
+        if self.vae is not None:
+            self.vae.apply("vae_decoder", self.vae_decoder)
         # The denoiser owns the UNet's backend; ``unet`` reads it there
         self.denoiser = Denoiser(unet, schedules.alphas_cumprod(**self.bundle.scheduler),
                                  self.bundle.prediction_type)
+        spec = self.bundle.spec("unet")
+        channels = spec.inputs[0].shape[1] if spec is not None and spec.inputs else self.bundle.latent_channels
+        if isinstance(channels, int) and channels > self.bundle.latent_channels:
+            # an inpainting UNet (9 = 4 latents + 1 mask + 4 masked-image latents)
+            self.denoiser.image_channels = channels - self.bundle.latent_channels
+        # <lora:...> tags: merged into the text encoder and UNet sessions (runtime/networks)
+        self.networks = Networks(self.bundle, lora_dir)
         self._interrupted = threading.Event()
         self._skipped = threading.Event()
 
     @property
     def unet(self) -> Backend:
         return self.denoiser.unet
+
+    refiner: Pipeline | None = None  # the second model requests may switch to (set_refiner)
+
+    def set_refiner(self, refiner: Pipeline | None) -> None:
+        """Attach the pipeline of a refiner model (the webui's "Refiner", an SDXL refiner or any model
+        with the same latent space). A request names it in ``refiner_checkpoint`` (its bundle name or
+        ``"name [hash]"``) and switches to it at ``refiner_switch_at``."""
+        if refiner is not None and (refiner.bundle.latent_channels, refiner.bundle.vae_scale_factor) != (
+                self.bundle.latent_channels, self.bundle.vae_scale_factor):
+            raise SdrtError(f"refiner {refiner.bundle.name} has another latent space than {self.bundle.name} "
+                            f"({refiner.bundle.latent_channels} vs {self.bundle.latent_channels} channels)")
+        self.refiner = refiner
+
+    def refiner_title(self) -> str | None:
+        """The refiner's name as the webui's infotext writes it (``short_title``: name [hash])."""
+        if self.refiner is None:
+            return None
+        b = self.refiner.bundle
+        return f"{b.name} [{b.model_hash}]" if b.model_hash else b.name
+
+    def check_refiner(self, p: GenerationParams) -> bool:
+        """Whether ``p`` uses the refiner (the webui: ``refiner_checkpoint`` names one; its
+        ``refiner_switch_at`` alone does nothing); one-line errors for a refiner that is not the one
+        attached, a switch outside (0, 1], or hires fix with a refiner."""
+        if p.refiner_checkpoint in (None, "", "None", "none"):
+            return False
+        if self.refiner is None:
+            raise SdrtError(f"refiner_checkpoint {p.refiner_checkpoint!r}: no refiner model is loaded "
+                            "(sdrt generate --refiner MODEL; Pipeline.set_refiner)")
+        name = self.refiner.bundle.name
+        given = str(p.refiner_checkpoint)
+        if given not in (name, self.refiner_title()) and Path(given.split(" [")[0]).stem != name:
+            raise SdrtError(f"refiner_checkpoint {given!r} is not the refiner loaded ({self.refiner_title()})")
+        at = p.refiner_switch_at
+        if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float, np.number))
+                               or not 0.0 < float(at) <= 1.0):
+            raise SdrtError(f"refiner_switch_at must be a number in (0, 1], got {at!r}")
+        if getattr(p, "enable_hr", False):
+            raise SdrtError("the refiner with hires fix is not supported by sdrt yet")
+        return True
 
     def wrap_unet(self, wrap: Callable[[Backend], Backend]) -> None:
         """Put ``wrap(unet)`` in the UNet's place (something that runs it, such as a recorder of its
@@ -120,6 +186,7 @@ class Pipeline:
 
     def plan(self, p: GenerationParams) -> Plan:
         """Validate everything before any work, with one-line errors, and resolve the request once."""
+        self.check_refiner(p)
         tile = self.vae_tiling.size if self.vae_tiling is not None else None
         return make_plan(self.bundle, p, check_clip_skip=self.text_encoder.check_clip_skip, device=self.device,
                          vae_tile=tile)
@@ -132,7 +199,10 @@ class Pipeline:
         plan = self._as_plan(plan)
         p = plan.params
         return self.text_encoder.conditioning(p.prompt, p.negative_prompt, plan.condition_steps, p.clip_skip,
-                                              p.pad_conds)
+                                              p.pad_conds, width=plan.width, height=plan.height,
+                                              crop=(p.sdxl_crop_top, p.sdxl_crop_left),
+                                              aesthetic=(p.sdxl_refiner_high_aesthetic_score,
+                                                         p.sdxl_refiner_low_aesthetic_score))
 
     def sample(self, plan: Plan | GenerationParams, batch: Batch | Sequence[int], cond: MultiCond | np.ndarray,
                uncond: CondSchedule | np.ndarray, callback: StepCallback | None = None) -> np.ndarray:
@@ -170,11 +240,56 @@ class Pipeline:
 
         return on_step
 
-    @staticmethod
-    def _guided(plan: Plan, cond, uncond) -> Callable:
+    def _guided(self, plan: Plan, cond, uncond, image_cond: np.ndarray | None = None) -> Callable:
         """Wraps a denoiser in CFG (it repeats the conds per image); DDIM CFG++ guides at cfg_scale
-        / 12.5, the infotext keeping cfg_scale."""
-        return lambda inner: CFGDenoiser(inner, cond, uncond, plan.params.cfg_scale * plan.sampler.cfg_scale_multiplier)
+        / 12.5, the infotext keeping cfg_scale. With a refiner, the CFG switches to it
+        (``RefinerSwitch``, recorded in ``self._switches``). ``image_cond``: an inpainting model's
+        image conditioning, the same for an image's conditional and unconditional rows."""
+        scale = plan.params.cfg_scale * plan.sampler.cfg_scale_multiplier
+        refiner = self.check_refiner(plan.params)
+
+        def guided(inner):
+            cfg = CFGDenoiser(inner, cond, uncond, scale)
+            cfg.image_cond = image_cond
+            if refiner:
+                cfg.refiner = self._refiner_switch(plan, inner)
+                self._switches = (*self._switches, cfg.refiner)
+            return cfg
+
+        return guided
+
+    def image_conditioning(self, plan: Plan, images: int) -> np.ndarray | None:
+        """An inpainting model's image conditioning for txt2img (None for other models): the webui's
+        ``txt2img_image_conditioning``, a mask of ones (everything repainted) and the latents of a
+        mid-grey image, [images, 1 + latent channels, h, w]."""
+        if not self.denoiser.image_channels:
+            return None
+        raise SdrtError("an inpainting model needs its VAE encoder for txt2img (its conditioning is an encoded "
+                        "image), which this bundle lacks")
+
+    _switches: tuple = ()  # the refiner switches of the batch being sampled
+
+    def _refiner_switch(self, plan: Plan, inner) -> RefinerSwitch:
+        """The switch to the refiner's model of the same kind as ``inner``, its conditioning computed
+        at the switch and kept for the plan's later batches."""
+        refiner = self.refiner
+        if isinstance(inner, EpsTimestepModel):
+            model, table = EpsTimestepModel(refiner.denoiser), None  # the webui: sigma is the timestep
+        elif isinstance(inner, LCMDenoiser):
+            model = LCMDenoiser(refiner.denoiser)
+            table = inner.schedule.sigmas  # the webui reads the LCM denoiser's own 50 sigmas
+        else:
+            model, table = refiner.denoiser, inner.sigmas
+
+        def conds():
+            if self._refiner_conds is None or self._refiner_conds[0] is not plan:
+                self._refiner_conds = (plan, refiner.conditioning(plan))
+            return self._refiner_conds[1]
+
+        at = plan.params.refiner_switch_at
+        return RefinerSwitch(0.0 if at is None else at, table, model, conds)
+
+    _refiner_conds: tuple | None = None
 
     @staticmethod
     def image_rng(plan: Plan, batch: Batch) -> ImageRNG:
@@ -202,7 +317,7 @@ class Pipeline:
         def next_noise(sigma, sigma_next):
             return rng.next()
 
-        guided = self._guided(plan, cond, uncond)
+        guided = self._guided(plan, cond, uncond, self.image_conditioning(plan, len(batch.seeds)))
 
         if info.family == "timesteps":
             # DDIM / PLMS / UniPC: CFG on eps over DDPM timesteps, from unit-variance noise
@@ -228,10 +343,14 @@ class Pipeline:
         plan = self._as_plan(p)
         p = plan.params
         self._interrupted.clear()
+        networks = self.networks.activate(p.prompt, self._network_sessions())
         cond, uncond = self.conditioning(plan)
-        self._done_with(self.text_encoder.session, "med", "low")
-        fields = {**plan.infotext_fields(self.bundle.model_hash, self.bundle.name),
+        self._done_with(self.text_encoder, "med", "low")
+        fields = {**with_vae_fields(plan.infotext_fields(self.bundle.model_hash, self.bundle.name), self.vae),
+                  **networks,
                   "TI hashes": ti_hashes(cond, uncond), "Pad conds": True if cond.padded or uncond.padded else None,
+                  # sdrt's own field: the graphs' precision when not fp32 (the webui's CPU default)
+                  "Precision": describe(self.bundle, self.device, self.precision) if self.precision != "fp32" else None,
                   "Version": f"sdrt {__version__}"}
         sampled = []  # every batch sampled before any is decoded: one UNet load, then one VAE load
         for batch in plan.batches:
@@ -239,15 +358,35 @@ class Pipeline:
                 break
             self._skipped.clear()
             on_event = callback and (lambda e, b=batch.index: callback({"batch": b, "batches": p.n_iter, **e}))
-            sampled.append((batch, *self._sample_batch(plan, batch, cond, uncond, on_event)))
+            self._switches = ()
+            result = self._sample_batch(plan, batch, cond, uncond, on_event)
+            sampled.append((batch, *result, any(s.switched for s in self._switches)))
         self._done_with(self.unet, "low")
         results = []
-        for batch, latents, stopped in sampled:
-            for seed, subseed, image in zip(batch.seeds, batch.subseeds, self.decode(latents)):
-                text = png.infotext(p.prompt, p.negative_prompt, plan.image_fields(fields, seed, subseed))
+        for batch, latents, stopped, refined in sampled:
+            # After the switch the webui's loaded model is the refiner: its VAE decodes
+            decoder, image_fields = (self.refiner, self._refined_fields(fields, p)) if refined else (self, fields)
+            for seed, subseed, image in zip(batch.seeds, batch.subseeds, decoder.decode(latents)):
+                text = png.infotext(p.prompt, p.negative_prompt, plan.image_fields(image_fields, seed, subseed))
                 results.append(GeneratedImage(image, seed, text, stopped))
         self._done_with(self.vae_decoder, "med", "low")
         return results
+
+    def _refined_fields(self, fields: dict, p: GenerationParams) -> dict:
+        """The infotext with the webui's ``Refiner`` and ``Refiner switch at``, written at the switch
+        (after the conditioning's fields, before ``Pad conds``, which the sampler writes at its end)."""
+        refiner = {"Refiner": self.refiner_title(), "Refiner switch at": p.refiner_switch_at}
+        out = {}
+        for key, value in fields.items():
+            if key in ("Pad conds", "Version") and "Refiner" not in out:
+                out.update(refiner)
+            out[key] = value
+        return {**out, **refiner}
+
+    def _network_sessions(self) -> dict[str, Backend]:
+        """The sessions LoRA networks change, by component (both text encoders on SDXL)."""
+        encoders = getattr(self.text_encoder, "encoders", [self.text_encoder])
+        return {**{e.component: e.session for e in encoders}, "unet": self.unet}
 
     def _done_with(self, session: Backend, *modes: str) -> None:
         """Release a session after its stage in the given memory modes."""
@@ -256,7 +395,7 @@ class Pipeline:
 
     def loaded(self) -> list[str]:
         """The components whose graphs are loaded now."""
-        sessions = {"text_encoder": self.text_encoder.session, "unet": self.unet, "vae_decoder": self.vae_decoder}
+        sessions = {"text_encoder": self.text_encoder, "unet": self.unet, "vae_decoder": self.vae_decoder}
         return [name for name, s in sessions.items() if s.loaded]
 
     def decode_float(self, latents: np.ndarray) -> np.ndarray:
@@ -295,6 +434,8 @@ class Pipeline:
         lazy = self.memory != "normal"
         self.vae_decoder.release()
         self.vae_decoder = open_component(self.bundle, "vae_decoder", self.device, "fp32", lazy=lazy)
+        if self.vae is not None:
+            self.vae.apply("vae_decoder", self.vae_decoder)
         return True
 
     def decode(self, latents: np.ndarray) -> list[Image.Image]:

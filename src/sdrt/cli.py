@@ -93,6 +93,17 @@ def main(verbose: bool):
 @click.option("--embeddings-dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Folder of textual inversion embeddings (.pt, .bin, .safetensors), used by file name "
               "in the prompt.")
+@click.option("--lora-dir", default="models/Lora", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of LoRA / LyCORIS files (subfolders included), named in the prompt as <lora:name:weight>.")
+@click.option("--vae", default="auto", show_default=True,
+              help="VAE file to decode (and encode) with: a path or a file name in --vae-dir; auto = the webui's "
+              "Automatic (a VAE named like the checkpoint, e.g. nai.vae.pt beside nai.ckpt); none = the model's own.")
+@click.option("--vae-dir", default="models/VAE", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of VAE files (.pt, .ckpt, .safetensors).")
+@click.option("--refiner", default=None,
+              help="Refiner model (bundle, diffusers folder or checkpoint; SDXL's refiner), as the webui's Refiner.")
+@click.option("--refiner-switch-at", default=0.8, show_default=True, type=float,
+              help="The fraction of the denoising after which the refiner takes over.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda[:N] (ONNX Runtime CUDA), tensorrt[:N] (ONNX Runtime's TensorRT EP) or trt[:N] "
               "(engines from `sdrt build`).")
@@ -112,24 +123,78 @@ def main(verbose: bool):
 @click.option("--vae-tile-size", default=256, show_default=True, type=int, help="VAE tile side in pixels.")
 @click.option("--cuda-graph", is_flag=True, help="Capture CUDA graphs of the UNet (GPU devices, fixed shapes).")
 @_friendly
-def generate(prompt, model, embeddings_dir, device, precision, no_half_vae, output, memory, medvram, lowvram,
-             vae_tiling, vae_tile_size, cuda_graph, **params):
-    """Generate images from PROMPT (txt2img)."""
-    from sdrt.runtime.pipeline import GenerationParams, Pipeline
+def generate(prompt, model, embeddings_dir, lora_dir, vae, vae_dir, device, precision, no_half_vae, output, memory,
+             medvram, lowvram, vae_tiling, vae_tile_size, cuda_graph, **params):
+    """Generate images from PROMPT (txt2img; with --enable-hr, the webui's hires fix)."""
+    from sdrt.runtime.pipeline import GenerationParams, Img2imgPipeline, Pipeline
 
+    refiner = params.pop("refiner")
+    esrgan_dir = params.pop("esrgan_dir")
     request = GenerationParams.from_webui({"prompt": prompt, **params})
-    _render(Pipeline, request, model, output, memory, medvram, lowvram, vae_tiling, vae_tile_size, device=device,
-            embeddings_dir=embeddings_dir, cuda_graph=cuda_graph, precision=precision, half_vae=not no_half_vae)
+    # hires fix's second pass is img2img (and pixel upscalers encode again): the encoder's pipeline
+    kind, extra = (Img2imgPipeline, {"upscalers": _hires_upscalers(request, esrgan_dir, device)}) if request.enable_hr \
+        else (Pipeline, {})
+    _render(kind, request, model, output, memory, medvram, lowvram, vae_tiling, vae_tile_size, device=device,
+            embeddings_dir=embeddings_dir, cuda_graph=cuda_graph, precision=precision, half_vae=not no_half_vae,
+            lora_dir=lora_dir, vae=(vae, vae_dir), refiner=refiner, **extra)
+
+
+def _hires_upscalers(request, esrgan_dir: str, device: str) -> dict:
+    """{name: ModelUpscaler} for an --hr-upscaler that names an ESRGAN file rather than a built-in."""
+    from sdrt.runtime.pipeline.upscale import LATENT_MODES, PIXEL_UPSCALERS
+
+    name = request.hr_upscaler
+    if name is None or name in LATENT_MODES or name in PIXEL_UPSCALERS:
+        return {}
+    model = _model_upscaler(name, esrgan_dir, device, 192, 8, field="hr_upscaler")
+    return {name: model}
+
+
+# Hires fix (txt2img only), as the webui's "Hires. fix" options and API names
+_HIRES_OPTIONS = [
+    click.Option(["--enable-hr"], is_flag=True, help="Hires fix: a second, img2img pass at a larger size."),
+    click.Option(["--hr-scale"], default=2.0, show_default=True, type=float, help="Hires fix: upscale by."),
+    click.Option(["--hr-resize-x"], default=0, show_default=True, type=int,
+                 help="Hires fix: resize width to (0: by --hr-scale, or from --hr-resize-y and the aspect ratio)."),
+    click.Option(["--hr-resize-y"], default=0, show_default=True, type=int, help="Hires fix: resize height to."),
+    click.Option(["--hr-upscaler"], default=None,
+                 help="Hires fix upscaler: Latent (default), Latent (antialiased), Latent (bicubic), Latent (bicubic "
+                      "antialiased), Latent (nearest), Latent (nearest-exact), None, Lanczos, Nearest."),
+    click.Option(["--hr-second-pass-steps"], default=0, show_default=True, type=int,
+                 help="Hires fix steps (0: the same as --steps)."),
+    click.Option(["--denoising-strength"], default=0.75, show_default=True, type=float,
+                 help="Hires fix denoising strength."),
+    click.Option(["--hr-sampler", "hr_sampler_name"], default=None, help="Hires fix sampler (default: --sampler)."),
+    click.Option(["--hr-scheduler"], default=None, help="Hires fix schedule type (default: --scheduler)."),
+    click.Option(["--hr-prompt"], default="", help="Hires fix prompt (default: PROMPT)."),
+    click.Option(["--hr-negative-prompt"], default="", help="Hires fix negative prompt (default: the negative prompt)."),
+    click.Option(["--esrgan-dir"], default="models/ESRGAN", show_default=True, type=click.Path(file_okay=False),
+                 help="Folder of ESRGAN / Real-ESRGAN .pth files an --hr-upscaler may name (or give a path)."),
+]
+_COMMON_OPTIONS = list(generate.params)  # what img2img shares with generate
+generate.params.extend(_HIRES_OPTIONS)
 
 
 def _render(kind, request, model, output, memory, medvram, lowvram, vae_tiling, vae_tile_size, **options):
     """Open the model once, check the request before any work, generate with a progress bar, save."""
     from sdrt.models import resolve_model
     from sdrt.runtime.bundle import open_bundle
+    from sdrt.runtime.networks.vae import choose_vae
 
     bundle = open_bundle(resolve_model(model, progress=_StageBar("export")))
     memory, tiles = _memory_options(memory, medvram, lowvram, vae_tiling, vae_tile_size, bundle)
+    vae, vae_dir = options.pop("vae", (None, None))
+    options["vae"] = choose_vae(vae, model, bundle.name, [vae_dir] if vae_dir else None)
+    refiner = options.pop("refiner", None)
+    run = options.pop("run", None)  # run(pipe, request, callback) -> images, for a script (outpainting)
     pipe = kind(bundle, memory=memory, vae_tiling=tiles, **options)
+    if refiner is not None:
+        from sdrt.runtime.pipeline import Pipeline
+
+        refiner_bundle = open_bundle(resolve_model(refiner, progress=_StageBar("export")))
+        pipe.set_refiner(Pipeline(refiner_bundle, memory=memory, vae_tiling=tiles, device=options["device"],
+                                  precision=options["precision"], half_vae=options["half_vae"]))
+        request = request.replace(refiner_checkpoint=refiner_bundle.name)
     plan = pipe.plan(request)  # every check before any work
     bar = None  # shown from the first step: an error in the conditioning stays one line
 
@@ -140,7 +205,7 @@ def _render(kind, request, model, output, memory, medvram, lowvram, vae_tiling, 
         bar.update(1)
 
     try:
-        images = pipe.generate(plan, callback=on_step)
+        images = run(pipe, request, on_step) if run else pipe.generate(plan, callback=on_step)
     finally:
         if bar is not None:
             bar.close()
@@ -153,8 +218,11 @@ _RESIZE_MODES = {"0": 0, "1": 1, "2": 2, "3": 3, "just-resize": 0, "crop-and-res
                  "latent-upscale": 3}
 
 
-# img2img takes every option of generate (the same click parameters), plus its own
-@main.command("img2img", params=list(generate.params))
+_FILLS = {"fill": 0, "original": 1, "latent noise": 2, "latent nothing": 3, "0": 0, "1": 1, "2": 2, "3": 3}
+
+
+# img2img takes every option of generate but hires fix (the same click parameters), plus its own
+@main.command("img2img", params=list(_COMMON_OPTIONS))
 @click.option("--init-image", "init_images", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="Init image (repeat for several: at most --batch-size; one serves the whole batch).")
 @click.option("--denoising-strength", default=0.75, show_default=True, type=float,
@@ -164,19 +232,106 @@ _RESIZE_MODES = {"0": 0, "1": 1, "2": 2, "3": 3, "just-resize": 0, "crop-and-res
                    "3 just resize (latent upscale).")
 @click.option("--fix-steps", "img2img_fix_steps", is_flag=True,
               help="Run exactly --steps steps at any strength (the webui's img2img_fix_steps setting).")
+@click.option("--mask", default=None, type=click.Path(dir_okay=False),
+              help="Inpainting mask: white is repainted (an RGBA mask with transparency: its alpha).")
+@click.option("--mask-blur", default=4, show_default=True, type=int, help="Mask blur in pixels.")
+@click.option("--inpainting-fill", default="original", show_default=True, type=click.Choice(list(_FILLS)),
+              help="Masked content: fill, original, latent noise or latent nothing (or 0..3).")
+@click.option("--inpaint-full-res", is_flag=True,
+              help="Inpaint area 'only masked': repaint the masked region at the full size, then paste it back "
+                   "(default: the whole picture).")
+@click.option("--inpaint-full-res-padding", default=32, show_default=True, type=int,
+              help="'Only masked' padding in pixels.")
+@click.option("--inpainting-mask-invert", is_flag=True, help="Repaint what is not masked.")
+@click.option("--outpaint-pixels", default=0, show_default=True, type=int,
+              help="Poor man's outpainting (the webui's script): grow the image by this many pixels (0: off), "
+                   "with --mask-blur and --inpainting-fill; the tiles are the -W x -H size.")
+@click.option("--outpaint-direction", "outpaint_directions", multiple=True,
+              type=click.Choice(["left", "right", "up", "down"]), help="Sides to grow (repeat; default: all four).")
 @_friendly
-def img2img(prompt, model, embeddings_dir, device, precision, no_half_vae, output, memory, medvram, lowvram,
-            vae_tiling, vae_tile_size, cuda_graph, init_images, resize_mode, **params):
-    """Generate images from init images and PROMPT (img2img), as the webui's img2img tab."""
+def img2img(prompt, model, embeddings_dir, lora_dir, vae, vae_dir, device, precision, no_half_vae, output, memory,
+            medvram, lowvram, vae_tiling, vae_tile_size, cuda_graph, init_images, resize_mode, mask, inpainting_fill, inpainting_mask_invert, outpaint_pixels,
+            outpaint_directions, **params):
+    """Generate images from init images and PROMPT (img2img; inpainting with --mask), as the webui's img2img tab."""
     from sdrt.runtime.pipeline import Img2imgParams, Img2imgPipeline
     from sdrt.runtime.pipeline.img2img import load_image
 
     images = [load_image(path) for path in init_images]
+    inpainting = {"mask": load_image(mask), "inpainting_fill": _FILLS[inpainting_fill],
+                  "inpainting_mask_invert": int(inpainting_mask_invert)} if mask is not None else {}
+    refiner = params.pop("refiner")
     request = Img2imgParams.from_webui({"prompt": prompt, "init_images": images,
-                                        "resize_mode": _RESIZE_MODES[resize_mode], **params})
+                                        "resize_mode": _RESIZE_MODES[resize_mode], **inpainting, **params})
+    script = {}
+    if outpaint_pixels:
+        from sdrt.runtime.pipeline.outpaint import DIRECTIONS, poor_mans_outpainting
+
+        if mask is not None:
+            raise SdrtError("--outpaint-pixels draws its own masks: give no --mask")
+        fill, blur, sides = _FILLS[inpainting_fill], request.mask_blur, outpaint_directions or DIRECTIONS
+        script["run"] = lambda pipe, req, callback: [poor_mans_outpainting(pipe, req, outpaint_pixels, blur, fill,
+                                                                           sides, callback)]
     _render(Img2imgPipeline, request, model, output, memory, medvram, lowvram, vae_tiling, vae_tile_size,
             device=device, embeddings_dir=embeddings_dir, cuda_graph=cuda_graph, precision=precision,
-            half_vae=not no_half_vae)
+            half_vae=not no_half_vae, lora_dir=lora_dir, vae=(vae, vae_dir), refiner=refiner, **script)
+
+
+@main.command("upscale")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--upscaler", default="Lanczos", show_default=True,
+              help="None, Lanczos, Nearest (the webui's built-ins), or an ESRGAN / Real-ESRGAN file: its name in "
+                   "--esrgan-dir or a path (exported to ONNX once; needs the export extra).")
+@click.option("--scale", default=4.0, show_default=True, type=float, help="Scale by (the Extras tab's 'Resize').")
+@click.option("--esrgan-dir", default="models/ESRGAN", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of ESRGAN / Real-ESRGAN .pth files (where webui guides put them).")
+@click.option("--tile", default=192, show_default=True, type=int,
+              help="ESRGAN tile size in pixels, 0 for none (the webui's ESRGAN_tile).")
+@click.option("--tile-overlap", default=8, show_default=True, type=int, help="ESRGAN tile overlap (ESRGAN_tile_overlap).")
+@click.option("--device", default="cpu", show_default=True, help="Where an ESRGAN graph runs (cpu, cuda[:N]).")
+@click.option("-o", "--output", default="outputs/extras-images", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder (NNNNN.png, as the webui's extras).")
+@_friendly
+def upscale_cmd(image, upscaler, scale, esrgan_dir, tile, tile_overlap, device, output):
+    """Upscale IMAGE as the webui's Extras tab (single image, "Scale by")."""
+    from sdrt.runtime.pipeline.img2img import load_image
+    from sdrt.runtime.pipeline.upscale import PIXEL_UPSCALERS, extras_upscale
+
+    source = load_image(image)
+    if upscaler not in PIXEL_UPSCALERS:
+        upscaler = _model_upscaler(upscaler, esrgan_dir, device, tile, tile_overlap)
+    result, fields = extras_upscale(source, scale, upscaler)
+    text = ", ".join(f"{k}: {png.quote(v)}" for k, v in fields.items()) or None
+    # the source's generation parameters are kept; the webui writes the step as "postprocessing" and "extras"
+    parameters = source.info.get("parameters") if isinstance(source.info.get("parameters"), str) else None
+    click.echo(str(png.save_png(result, output, None, parameters, {"postprocessing": text, "extras": text})))
+
+
+def _model_upscaler(name: str, folder: str, device: str, tile: int, overlap: int, field: str = "upscaler"):
+    """An ESRGAN file (a path, or its name in ``folder``) as a ModelUpscaler, its graph exported once
+    into the cache (keyed by the file's sha256)."""
+    from sdrt.models import cache_dir, content_hash
+    from sdrt.runtime.pipeline.upscale import LATENT_MODES, PIXEL_UPSCALERS, ModelUpscaler
+
+    path = Path(name)
+    if not path.is_file():
+        found = [p for p in sorted(Path(folder).glob(f"{name}.*")) if p.suffix in (".pth", ".pt", ".safetensors")]
+        if not found:
+            known = (*LATENT_MODES, *PIXEL_UPSCALERS) if field == "hr_upscaler" else PIXEL_UPSCALERS
+            raise SdrtError(f"{field}: unknown upscaler {name!r}: neither one of {', '.join(known)} nor an ESRGAN "
+                            f"file ({name}.pth in {folder}, or a path)")
+        path = found[0]
+    if tile < 0 or overlap < 0 or (tile and overlap >= tile):
+        raise SdrtError(f"--tile must be 0 or more than --tile-overlap, got {tile} and {overlap}")
+    graph = cache_dir() / "upscalers" / f"{content_hash(path)[:16]}-sdrt{__version__}.onnx"
+    if not graph.exists():
+        try:
+            from sdrt.export.esrgan import export_esrgan
+        except ImportError as e:
+            raise SdrtError(f"ESRGAN files are exported to ONNX once, which needs the export extra (missing {e.name}): "
+                            "pip install 'sdrt[export]'") from None
+        export_esrgan(path, graph)
+    scale = json.loads(graph.with_suffix(".json").read_text())["scale"]
+    return ModelUpscaler(path.stem, graph, scale, device, tile, overlap)
 
 
 @main.command("export")
@@ -190,12 +345,15 @@ def img2img(prompt, model, embeddings_dir, device, precision, no_half_vae, outpu
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--optimize/--no-optimize", default=True, show_default=True,
               help="Also write each component's CPU-optimized graph (fused GroupNorm+SiLU, attention, GELU).")
+@click.option("--prediction", type=click.Choice(["eps", "v"]), default=None,
+              help="The model's prediction type, for files the detection cannot tell (default: SD 2.x files "
+              "are probed as the webui does: 512 eps base or 768-v; other models say theirs).")
 @_friendly
-def export_cmd(checkpoint, out_dir, precisions, overwrite, optimize):
-    """Export CHECKPOINT (.safetensors, .ckpt or a diffusers folder) to a bundle in OUT_DIR."""
+def export_cmd(checkpoint, out_dir, precisions, overwrite, optimize, prediction):
+    """Export CHECKPOINT (.safetensors, .ckpt or a diffusers folder; SD 1.x, SD 2.x, SDXL) to a bundle in OUT_DIR."""
     export_checkpoint = _export_api().export_checkpoint
     path = export_checkpoint(checkpoint, out_dir, overwrite=overwrite, progress=_StageBar("export"),
-                             optimize=optimize, precisions=("fp32", *precisions))
+                             optimize=optimize, precisions=("fp32", *precisions), prediction=prediction)
     click.echo(str(path))
     for kind, records in json.loads((Path(path) / "sdrt.json").read_text()).get("precisions", {}).items():
         for name, r in records.items():
@@ -211,6 +369,11 @@ def _precision_line(kind: str, name: str, record: dict) -> str:
         db = "identical" if f["image_psnr"] is None else f"{f['image_psnr']} dB"
         measured = f"final image {db} vs fp32, max abs {f['image_max_abs']}/255"
     use = f"the {kind} default" if record["default"] else f"opt-in (--precision {name})"
+    if name == "mixed":  # what each component runs, chosen by its own measured effect
+        chosen = ", ".join(f"{c} {v['precision']}" for c, v in record["components"].items() if v["precision"] != "fp32")
+        if not chosen:
+            return f"mixed ({kind}): no component's variant held {record['min_default_psnr']} dB alone: fp32"
+        return f"mixed ({kind}, {chosen}): {measured}; {use}"
     return f"{name} ({kind}): {measured}; {use}"
 
 
@@ -375,8 +538,8 @@ def _memory_options(memory, medvram, lowvram, vae_tiling, vae_tile_size, bundle)
               help="Engine precision.")
 @click.option("--device", default="trt", show_default=True,
               help="trt[:N]: sdrt's engines; tensorrt[:N]: ONNX Runtime's TensorRT EP cache.")
-@click.option("--components", default="text_encoder,unet,vae_decoder", show_default=True,
-              help="Components to build, comma-separated.")
+@click.option("--components", default=None,
+              help="Components to build, comma-separated (default: the bundle's text encoders, UNet and VAE decoder).")
 @click.option("--force", is_flag=True, help="Rebuild engines that are valid in the cache.")
 @_friendly
 def build(bundle, width, height, batch, min_width, max_width, min_height, max_height, min_batch, max_batch,
@@ -397,7 +560,7 @@ def build(bundle, width, height, batch, min_width, max_width, min_height, max_he
         batch=profiles.dim_range("batch", batch, min_batch, max_batch),
         chunks=profiles.dim_range("prompt chunks", prompt_chunks, None, max_prompt_chunks),
         vae_tile=vae_tile_size, vae_scale_factor=b.vae_scale_factor)
-    names = tuple(c.strip() for c in components.split(",") if c.strip())
+    names = tuple(c.strip() for c in components.split(",") if c.strip()) if components else None
 
     def on_event(event):
         if event["event"] == "waiting":
@@ -427,9 +590,12 @@ def info(bundle):
     click.echo(f"execution providers: {', '.join(ort.get_available_providers())}")
     if bundle:
         from sdrt.runtime.bundle import open_bundle
+        from sdrt.runtime.precision import describe, resolve_precision
 
         b = open_bundle(bundle)
         click.echo(json.dumps(b.manifest, indent=2))
+        # what `--precision auto` draws with on this machine's CPU (the PNG text's Precision field)
+        click.echo(f"cpu --precision auto: {describe(b, 'cpu', resolve_precision(b, 'cpu', 'auto'))}")
 
 
 def _export_api():
