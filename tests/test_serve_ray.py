@@ -1,6 +1,6 @@
 """``sdrt serve --ray`` on a local Ray cluster that the test starts on 127.0.0.1: two replicas of the
 embedded model, requests spread over both, one replica killed mid-load without an accepted request
-left unanswered, the killed replica replaced, SIGTERM stopping everything."""
+left unanswered, the killed replica replaced, SIGTERM stopping everything; the autoscaler adding a replica under load."""
 
 from __future__ import annotations
 
@@ -40,27 +40,31 @@ def _pid(server_id: str) -> int:
     return int(server_id.rsplit(":", 1)[1])
 
 
-@pytest.fixture(scope="module")
-def ray_server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ray")
+def _start(tmp, *args):
+    """``sdrt serve --ray ARGS`` on a free port, once it answers: (url, process, log file)."""
     port = _free_port()
-    log = open(tmp / "serve.log", "w+")  # noqa: SIM115 - closed below
+    log = open(tmp / f"serve-{port}.log", "w+")  # noqa: SIM115 - closed by the caller
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "serve", "--ray", "--replicas", "2", "--port", str(port),
-                             "--ckpt-dir", str(tmp / "none"), "--queue-size", "8", "--max-pixels", str(64 * 64)],
+    proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "serve", "--ray", "--port", str(port),
+                             "--ckpt-dir", str(tmp / "none"), "--max-pixels", str(64 * 64), *args],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     while True:
         try:
             urllib.request.urlopen(f"{url}/sdapi/v1/samplers", timeout=5)
-            break
+            return url, proc, log
         except (OSError, urllib.error.HTTPError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 log.seek(0)
                 pytest.fail(f"sdrt serve --ray did not start:\n{log.read()[-4000:]}")
             time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory):
+    url, proc, log = _start(tmp_path_factory.mktemp("ray"), "--replicas", "2", "--queue-size", "8")
     yield url, proc
     if proc.poll() is None:
         proc.kill()
@@ -149,3 +153,26 @@ def test_deployment_options_are_checked_before_ray_starts(tmp_path):
                        check=False, capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "error: --max-replicas (2) must be at least --replicas (3)"]
+
+
+def test_autoscaling_adds_a_replica_under_load(tmp_path):
+    """``--replicas 1 --max-replicas 2``: with the queue held above the target (8 clients on one
+    replica), Ray Serve's autoscaler starts the second replica, which then answers too."""
+    url, proc, log = _start(tmp_path, "--replicas", "1", "--max-replicas", "2")
+    try:
+        def request(seed):
+            return _post(f"{url}/sdapi/v1/txt2img", {"prompt": "a red circle", "seed": seed, "steps": 30,
+                                                    "width": 64, "height": 64})
+
+        servers, seed, deadline = set(), 0, time.monotonic() + 150
+        with ThreadPoolExecutor(8) as pool:
+            while len(servers) < 2 and time.monotonic() < deadline:
+                for status, server, body in pool.map(request, range(seed, seed + 8)):
+                    assert status == 200, body
+                    servers.add(server)
+                seed += 8
+        assert len(servers) == 2, f"the autoscaler added no replica in 150 s ({seed} requests)"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(90)
+        log.close()
