@@ -25,15 +25,7 @@ def scaled_sd1_configs(*, unet_channels=(32, 64), unet_layers=1, attention_heads
         cross_attention_dim=context_dim,
         norm_num_groups=groups,
     )
-    m = len(vae_channels)
-    c["vae"].update(
-        block_out_channels=list(vae_channels),
-        down_block_types=["DownEncoderBlock2D"] * m,
-        up_block_types=["UpDecoderBlock2D"] * m,
-        layers_per_block=vae_layers,
-        norm_num_groups=groups,
-        sample_size=sample_size * 2 ** (m - 1),
-    )
+    _scale_vae(c["vae"], vae_channels, vae_layers, groups, sample_size)
     c["text_encoder"].update(
         hidden_size=context_dim,
         projection_dim=context_dim,

@@ -276,6 +276,15 @@ class Img2imgPipeline(Pipeline):
         its default)."""
         if not self.denoiser.image_channels:
             return None
+        # encoded once per plan, as the init latents: every batch of a request has the same conditioning
+        if self._conditioned is None or self._conditioned[0] is not plan:
+            self._conditioned = (plan, self._encode_conditioning(plan, sources, mask))
+        cond = self._conditioned[1]
+        return np.repeat(cond, images, axis=0) if len(cond) == 1 else cond
+
+    _conditioned: tuple | None = None  # (plan, its image conditioning)
+
+    def _encode_conditioning(self, plan: Plan, sources, mask) -> np.ndarray:
         h, w = plan.latent_shape[1:]
         if mask is None:
             m = np.ones((plan.height, plan.width), np.float32)
@@ -293,8 +302,7 @@ class Img2imgPipeline(Pipeline):
         rows = (np.arange(h) * (m.shape[0] / h)).astype(np.int64).clip(max=m.shape[0] - 1)
         cols = (np.arange(w) * (m.shape[1] / w)).astype(np.int64).clip(max=m.shape[1] - 1)
         small = np.broadcast_to(m[rows][:, cols], (len(z), 1, h, w))
-        cond = np.concatenate([small, z], axis=1).astype(np.float32)
-        return np.repeat(cond, images, axis=0) if len(cond) == 1 else cond
+        return np.concatenate([small, z], axis=1).astype(np.float32)
 
     def init_latents(self, plan: Img2imgPlan) -> np.ndarray:
         """The plan's init latents at the latent size, encoded once per plan (every batch starts from them)."""
@@ -311,7 +319,7 @@ class Img2imgPipeline(Pipeline):
         try:
             return super().generate(self._current, callback)
         finally:
-            self._encoded = self._current = self._hr_conds = None
+            self._encoded = self._current = self._hr_conds = self._conditioned = None
 
     def decode(self, latents: np.ndarray) -> list[Image.Image]:
         """As ``Pipeline.decode``; inpainting pastes each image back over its init image (the
@@ -403,8 +411,6 @@ class Img2imgPipeline(Pipeline):
         if self.denoiser.image_channels:
             sources = plan.init_images if masking is not None else None
             image_cond = self.image_conditioning(plan, len(init), sources, masking.image_mask if masking else None)
-            if len(image_cond) != len(init):
-                image_cond = np.repeat(image_cond[:1], len(init), axis=0)
         guided = self._guided(plan, cond, uncond, image_cond)
         if masking is not None:
             guided = masking.guided(guided, init, before=info.family == "timesteps")

@@ -385,18 +385,22 @@ def _embeddings(pipe: Pipeline) -> dict:
     libraries = [e.library for e in encoders if getattr(e, "library", None) is not None]
     loaded, skipped = {}, {}
     for name in sorted({n for lib in libraries for n in lib.paths}):
-        first = next(lib for lib in libraries if name in lib)
-        try:
-            emb = load_embedding(first.paths[name], name, first.key)
-        except SdrtError as e:
-            log.warning("embedding %s left out: %s", name, e)
-            continue
-        fits = True
+        emb, fits = None, True
         for lib in libraries:
             try:
-                lib.get(name)  # the checks a prompt naming it would meet
+                found = lib.get(name)  # the checks a prompt naming it would meet (loaded once, then kept)
             except (SdrtError, KeyError):
                 fits = False
+                continue
+            if emb is None:
+                emb = found
+        if emb is None:  # fits no encoder: read it for its shape
+            first = next(lib for lib in libraries if name in lib)
+            try:
+                emb = load_embedding(first.paths[name], name, first.key)
+            except SdrtError as e:
+                log.warning("embedding %s left out: %s", name, e)
+                continue
         entry = {"step": emb.step, "sd_checkpoint": None, "sd_checkpoint_name": None,
                  "shape": int(emb.vectors.shape[1]), "vectors": int(emb.vectors.shape[0])}
         (loaded if fits else skipped)[name] = entry
