@@ -95,7 +95,7 @@ def test_unsafe_pickles_are_refused_naming_the_global(tmp_path):
             return os.system, (f"touch {marker}",)
 
     torch.save({"string_to_param": {"*": Evil()}}, tmp_path / "evil.pt")
-    with pytest.raises(SdrtError, match=r"evil\.pt: refusing to load (posix|os)\.system \(an embedding holds only "
+    with pytest.raises(SdrtError, match=r"evil\.pt: refusing to load (posix|os)\.system \(a weights file holds only "
                                         r"tensors and plain containers\)$"):
         load_embedding(tmp_path / "evil.pt")
     assert not marker.exists()

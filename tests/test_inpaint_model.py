@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from sdrt.export.reference import TorchReference
+from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.metrics import psnr
 from sdrt.runtime.pipeline import GenerationParams, Img2imgParams
 from sdrt.runtime.pipeline.img2img import Img2imgPipeline
@@ -83,3 +84,32 @@ def test_img2img_conditioning_is_the_masked_image(model):
                           inpainting_fill=1, sampler_name="Euler", steps=STEPS, seed=SEED, denoising_strength=0.8)
     kept = np.asarray(mask) == 0  # (partly masked pixels are blended, as the webui's overlay)
     assert np.array_equal(np.asarray(out.image)[kept], np.asarray(image)[kept])
+
+
+def test_conditioning_mask_weight_lerps_the_source(model):
+    """The webui's "inpainting conditioning mask strength": lerp(source, source * (1 - mask), w) is
+    encoded (with or without a mask), and the infotext carries ``Conditional mask weight``."""
+    pipe, ref = model
+    image = init_image(64, 64)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 16, 40, 56))
+    src = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
+    for m_image, m in ((mask, torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]),
+                       (None, torch.ones(1, 1, 64, 64))):
+        masking = {"mask": m_image, "mask_blur": 0, "inpaint_full_res": False, "inpainting_fill": 1} if m_image else {}
+        p = Img2imgParams(PROMPT, init_images=[image], sampler_name="Euler", steps=STEPS, seed=SEED,
+                          denoising_strength=0.8, inpainting_mask_weight=0.25, **masking)
+        plan = pipe.plan(p)
+        got = pipe.image_conditioning(plan, 1, plan.init_images, plan.inpaint.image_mask if m_image else None)
+        want = ref.encode_image(torch.lerp(src, src * (1 - m), 0.25))
+        np.testing.assert_allclose(got[0, 1:], want[0].numpy(), atol=1e-5)
+        assert not np.allclose(got[0, 1:], pipe.image_conditioning(pipe.plan(
+            Img2imgParams(PROMPT, init_images=[image], sampler_name="Euler", steps=STEPS, seed=SEED,
+                          denoising_strength=0.8, **masking)), 1, plan.init_images,
+            plan.inpaint.image_mask if m_image else None)[0, 1:], atol=1e-3)
+    (out,) = pipe.img2img(PROMPT, init_images=[image], mask=mask, mask_blur=0, inpaint_full_res=False,
+                          inpainting_fill=1, sampler_name="Euler", steps=STEPS, seed=SEED, denoising_strength=0.8,
+                          inpainting_mask_weight=0.25)
+    assert "Denoising strength: 0.8, Conditional mask weight: 0.25," in out.infotext
+    with pytest.raises(SdrtError, match="inpainting_mask_weight must be a number in"):
+        pipe.plan(Img2imgParams(PROMPT, init_images=[image], inpainting_mask_weight=1.5))

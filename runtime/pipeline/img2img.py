@@ -156,6 +156,9 @@ def make_img2img_plan(bundle, p: Img2imgParams, **plan_options) -> Img2imgPlan:
     if isinstance(p.resize_mode, bool) or p.resize_mode not in range(len(RESIZE_MODES)):
         modes = ", ".join(f"{i} {name}" for i, name in enumerate(RESIZE_MODES))
         raise SdrtError(f"resize_mode must be one of {modes}; got {p.resize_mode!r}")
+    w = p.inpainting_mask_weight
+    if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not 0.0 <= w <= 1.0:
+        raise SdrtError(f"inpainting_mask_weight must be a number in [0, 1], got {w!r}")
     m = p.initial_noise_multiplier
     if isinstance(m, bool) or not isinstance(m, (int, float, np.number)) or not np.isfinite(m):
         raise SdrtError(f"initial_noise_multiplier must be a finite number, got {m!r}")
@@ -272,8 +275,9 @@ class Img2imgPipeline(Pipeline):
         as the webui's ``mask_round``; all ones without one: txt2img, img2img without a mask, the hires
         pass) at the processing size, the source images with the masked part set to 0 (mid-grey)
         encoded, the mask brought to the latent size by nearest sampling (torch's ``interpolate``).
-        sdrt applies the mask at full weight (the webui's "inpainting conditioning mask strength" 1,
-        its default)."""
+        With ``inpainting_mask_weight`` w (the webui's "inpainting conditioning mask strength") the
+        encoded source is ``lerp(source, source * (1 - mask), w)`` as the webui's, so a request
+        without a mask but with w < 1 conditions on ``source * (1 - w)``."""
         if not self.denoiser.image_channels:
             return None
         # encoded once per plan, as the init latents: every batch of a request has the same conditioning
@@ -292,11 +296,13 @@ class Img2imgPipeline(Pipeline):
             m = np.asarray(mask.convert("L"), dtype=np.float32) / np.float32(255.0)
             if getattr(plan.params, "mask_round", True):
                 m = np.around(m)
-        if mask is None or sources is None:
+        weight = np.float32(plan.params.inpainting_mask_weight)
+        if not sources or (mask is None and weight == 1.0):
             pixels = [np.zeros((3, *m.shape), np.float32)]  # every pixel masked: the source does not matter
         else:
+            # lerp(a, a * (1 - m), w) = a * (1 - w * m), in [-1, 1] as the webui's source_image
             pixels = [(np.moveaxis(np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0), 2, 0)
-                       * np.float32(2.0) - np.float32(1.0)) * (np.float32(1.0) - m) for im in sources]
+                       * np.float32(2.0) - np.float32(1.0)) * (np.float32(1.0) - weight * m) for im in sources]
         z = self.encode_pixels(pixels)
         self._done_with(self.vae_encoder, "med", "low")
         rows = (np.arange(h) * (m.shape[0] / h)).astype(np.int64).clip(max=m.shape[0] - 1)
@@ -409,7 +415,7 @@ class Img2imgPipeline(Pipeline):
 
         image_cond = None
         if self.denoiser.image_channels:
-            sources = plan.init_images if masking is not None else None
+            sources = plan.init_images if masking is not None or plan.params.inpainting_mask_weight != 1.0 else None
             image_cond = self.image_conditioning(plan, len(init), sources, masking.image_mask if masking else None)
         guided = self._guided(plan, cond, uncond, image_cond)
         if masking is not None:

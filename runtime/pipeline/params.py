@@ -45,6 +45,9 @@ class GenerationParams:
     clip_skip: int = 1  # CLIP_stop_at_last_layers
     rng: str = "cpu"  # randn_source: cpu, gpu or nv (the infotext's CPU / NV accepted too)
     ensd: int = 0  # eta_noise_seed_delta
+    # "Inpainting conditioning mask strength" (inpainting models only): how much of the masked
+    # source the image conditioning hides, 1 all of it, 0 none (the source unmasked)
+    inpainting_mask_weight: float = 1.0
     # Pad the shorter of prompt and negative prompt with empty chunks so both go through the UNet
     # in one batch (the webui's "Pad prompt/negative prompt to be same length", off there by default)
     pad_conds: bool = True
@@ -136,6 +139,7 @@ _SETTINGS = {"CLIP_stop_at_last_layers": "clip_skip", "eta_noise_seed_delta": "e
              "pad_cond_uncond": "pad_conds", "s_churn": "s_churn", "s_tmin": "s_tmin",
              "s_tmax": "s_tmax", "s_noise": "s_noise",
              "img2img_fix_steps": "img2img_fix_steps", "initial_noise_multiplier": "initial_noise_multiplier",
+             "inpainting_mask_weight": "inpainting_mask_weight",
              **{k: k for k in ("sdxl_crop_top", "sdxl_crop_left", "sdxl_refiner_high_aesthetic_score",
                                "sdxl_refiner_low_aesthetic_score")}}
 

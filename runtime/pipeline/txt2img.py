@@ -74,6 +74,18 @@ class _Stopped(Exception):
         self.denoised, self.step = denoised, step
 
 
+def with_mask_weight(fields: dict, weight: float) -> dict:
+    """``fields`` with the webui's ``Conditional mask weight`` in its place: after ``Denoising
+    strength`` (img2img, hires fix), else after ``Seed resize from``."""
+    after = "Denoising strength" if "Denoising strength" in fields else "Seed resize from"
+    out = {}
+    for key, value in fields.items():
+        out[key] = value
+        if key == after:
+            out["Conditional mask weight"] = weight
+    return out
+
+
 class Pipeline:
     """A bundle's sessions serving any number of generations: loaded once (``memory="normal"``),
     or for their stage only (``"med"``: the text encoder and VAE; ``"low"``: every graph).
@@ -352,6 +364,8 @@ class Pipeline:
                   # sdrt's own field: the graphs' precision when not fp32 (the webui's CPU default)
                   "Precision": describe(self.bundle, self.device, self.precision) if self.precision != "fp32" else None,
                   "Version": f"sdrt {__version__}"}
+        if self.denoiser.image_channels:  # the webui writes it whenever it conditions an inpainting model
+            fields = with_mask_weight(fields, p.inpainting_mask_weight)
         sampled = []  # every batch sampled before any is decoded: one UNet load, then one VAE load
         for batch in plan.batches:
             if self._interrupted.is_set():

@@ -141,7 +141,7 @@ class _TorchUnpickler(pickle.Unpickler):
             return self._GLOBALS[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
-        raise SdrtError(f"{self.source}: refusing to load {module}.{name} (an embedding holds only tensors "
+        raise SdrtError(f"{self.source}: refusing to load {module}.{name} (a weights file holds only tensors "
                         "and plain containers)")
 
     def persistent_load(self, pid):

@@ -243,6 +243,8 @@ _FILLS = {"fill": 0, "original": 1, "latent noise": 2, "latent nothing": 3, "0":
 @click.option("--inpaint-full-res-padding", default=32, show_default=True, type=int,
               help="'Only masked' padding in pixels.")
 @click.option("--inpainting-mask-invert", is_flag=True, help="Repaint what is not masked.")
+@click.option("--inpainting-mask-weight", default=1.0, show_default=True, type=float,
+              help="Inpainting models: the conditioning mask strength, 0..1 (the webui's setting).")
 @click.option("--outpaint-pixels", default=0, show_default=True, type=int,
               help="Poor man's outpainting (the webui's script): grow the image by this many pixels (0: off), "
                    "with --mask-blur and --inpainting-fill; the tiles are the -W x -H size.")
