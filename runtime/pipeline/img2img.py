@@ -300,6 +300,9 @@ class Img2imgPipeline(Pipeline):
         if not sources or (mask is None and weight == 1.0):
             pixels = [np.zeros((3, *m.shape), np.float32)]  # every pixel masked: the source does not matter
         else:
+            if any(im.size != (plan.width, plan.height) for im in sources):  # latent upscale keeps the size
+                raise SdrtError("an inpainting model's image conditioning needs the init image at the processing "
+                                "size; resize mode 3 (latent upscale) does not give it")
             # lerp(a, a * (1 - m), w) = a * (1 - w * m), in [-1, 1] as the webui's source_image
             pixels = [(np.moveaxis(np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0), 2, 0)
                        * np.float32(2.0) - np.float32(1.0)) * (np.float32(1.0) - weight * m) for im in sources]
