@@ -156,9 +156,6 @@ def make_img2img_plan(bundle, p: Img2imgParams, **plan_options) -> Img2imgPlan:
     if isinstance(p.resize_mode, bool) or p.resize_mode not in range(len(RESIZE_MODES)):
         modes = ", ".join(f"{i} {name}" for i, name in enumerate(RESIZE_MODES))
         raise SdrtError(f"resize_mode must be one of {modes}; got {p.resize_mode!r}")
-    w = p.inpainting_mask_weight
-    if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not 0.0 <= w <= 1.0:
-        raise SdrtError(f"inpainting_mask_weight must be a number in [0, 1], got {w!r}")
     m = p.initial_noise_multiplier
     if isinstance(m, bool) or not isinstance(m, (int, float, np.number)) or not np.isfinite(m):
         raise SdrtError(f"initial_noise_multiplier must be a finite number, got {m!r}")
@@ -418,8 +415,8 @@ class Img2imgPipeline(Pipeline):
 
         image_cond = None
         if self.denoiser.image_channels:
-            sources = plan.init_images if masking is not None or plan.params.inpainting_mask_weight != 1.0 else None
-            image_cond = self.image_conditioning(plan, len(init), sources, masking.image_mask if masking else None)
+            image_cond = self.image_conditioning(plan, len(init), plan.init_images,
+                                                 masking.image_mask if masking else None)
         guided = self._guided(plan, cond, uncond, image_cond)
         if masking is not None:
             guided = masking.guided(guided, init, before=info.family == "timesteps")

@@ -114,13 +114,15 @@ def make_plan(bundle: Bundle, p: GenerationParams, *,
             raise SdrtError(f"{name} must be a positive multiple of {max(8, f)}, got {v}")
     sampling.check_steps(info, p.steps)
     for name in ("cfg_scale", "subseed_strength", "s_noise", "s_churn", "s_tmin", "s_tmax",
-                 "sdxl_refiner_high_aesthetic_score", "sdxl_refiner_low_aesthetic_score"):
+                 "sdxl_refiner_high_aesthetic_score", "sdxl_refiner_low_aesthetic_score", "inpainting_mask_weight"):
         if not _finite(getattr(p, name)):
             raise SdrtError(f"{name} must be a finite number, got {getattr(p, name)!r}")
     if p.eta is not None and not _finite(p.eta):
         raise SdrtError(f"eta must be a finite number, got {p.eta!r}")
     if not 0.0 <= p.subseed_strength <= 1.0:
         raise SdrtError(f"variation seed strength must be in [0, 1], got {p.subseed_strength}")
+    if not 0.0 <= p.inpainting_mask_weight <= 1.0:  # every request: txt2img writes it in the infotext too
+        raise SdrtError(f"inpainting_mask_weight must be a number in [0, 1], got {p.inpainting_mask_weight!r}")
     if p.batch_size < 1 or p.n_iter < 1:
         raise SdrtError("batch size and batch count must be at least 1")
     rng = check_source(p.rng)
