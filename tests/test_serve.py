@@ -420,3 +420,51 @@ def test_cors_only_for_the_configured_origins(server, guarded):
 
     assert preflight(guarded) == (200, "http://app.test")  # a preflight carries no credentials
     assert preflight(server)[1] is None
+
+
+@pytest.fixture(scope="module")
+def refined(tmp_path_factory):
+    """The embedded model, and in the checkpoint folder another model of its latent space (random
+    weights, the tiny SD 1.x architecture) for requests to refine with."""
+    from sdrt.export.tiny import random_bundle, scaled_sd1_configs
+
+    tmp = tmp_path_factory.mktemp("refined")
+    bundle = random_bundle(scaled_sd1_configs(), tmp / "Stable-diffusion" / "polish", seed=5)
+    s = Server(tmp, "--ckpt-dir", str(tmp / "Stable-diffusion"), "--max-pixels", str(128 * 128))
+    yield s, bundle
+    s.stop()
+
+
+def test_refiner_checkpoint_names_a_model_of_the_catalog(refined):
+    """The webui API's refiner_checkpoint / refiner_switch_at: the server loads the named model and the
+    image is the Python API's with that refiner attached; a request without it is not refined."""
+    import sdrt
+
+    server, bundle = refined
+    title = next(m["title"] for m in _request(server.api("sd-models"))[2] if m["title"].startswith("polish"))
+    payload = {"prompt": "a red circle", "seed": 7, "steps": 6, "width": 128, "height": 128,
+               "sampler_name": "Euler", "cfg_scale": 5}
+    status, _, plain = _request(server.api("txt2img"), payload)
+    assert status == 200
+    status, _, body = _request(server.api("txt2img"), {**payload, "refiner_checkpoint": title,
+                                                      "refiner_switch_at": 0.5})
+    assert status == 200, body
+    served = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+
+    pipe = sdrt.Pipeline(default_model_path(), refiner=bundle)
+    expected = pipe("a red circle", seed=7, steps=6, width=128, height=128, sampler_name="Euler", cfg_scale=5,
+                    refiner_checkpoint=pipe.refiner_title(), refiner_switch_at=0.5)[0]
+    assert np.array_equal(np.asarray(served.convert("RGB")), np.asarray(expected.image.convert("RGB")))
+    fields = png.parse_infotext(served.info["parameters"])[2]
+    assert fields["Refiner"] == pipe.refiner_title() and fields["Refiner switch at"] == "0.5"
+    assert base64.b64decode(body["images"][0]) != base64.b64decode(plain["images"][0])
+    # the refiner stays loaded, but a request that does not name it is not refined
+    status, _, again = _request(server.api("txt2img"), payload)
+    assert status == 200 and again["images"][0] == plain["images"][0]
+    for bad, words in ((f"nope [{'0' * 10}]", "refiner_checkpoint: unknown model"),
+                       (7, "refiner_checkpoint must be a model title")):
+        status, _, body = _request(server.api("txt2img"), {**payload, "refiner_checkpoint": bad})
+        assert status == 422 and words in body["detail"], body
+    status, _, body = _request(server.api("txt2img"), {**payload, "refiner_checkpoint": title,
+                                                      "refiner_switch_at": 1.5})
+    assert status == 422 and "refiner_switch_at" in body["detail"]

@@ -143,32 +143,42 @@ class Pipeline:
         """Attach the pipeline of a refiner model (the webui's "Refiner", an SDXL refiner or any model
         with the same latent space). A request names it in ``refiner_checkpoint`` (its bundle name or
         ``"name [hash]"``) and switches to it at ``refiner_switch_at``."""
-        if refiner is not None and (refiner.bundle.latent_channels, refiner.bundle.vae_scale_factor) != (
+        if refiner is not None:
+            self._check_latent_space(refiner)
+        self.refiner = refiner
+
+    def _check_latent_space(self, refiner: Pipeline) -> None:
+        if (refiner.bundle.latent_channels, refiner.bundle.vae_scale_factor) != (
                 self.bundle.latent_channels, self.bundle.vae_scale_factor):
             raise SdrtError(f"refiner {refiner.bundle.name} has another latent space than {self.bundle.name} "
                             f"({refiner.bundle.latent_channels} vs {self.bundle.latent_channels} channels)")
-        self.refiner = refiner
 
-    def refiner_title(self) -> str | None:
-        """The refiner's name as the webui's infotext writes it (``short_title``: name [hash])."""
-        if self.refiner is None:
+    def refiner_title(self, refiner: Pipeline | None = None) -> str | None:
+        """The name of the refiner (``refiner``, else the one attached) as the webui's infotext writes
+        it (``short_title``: name [hash])."""
+        refiner = refiner if refiner is not None else self.refiner
+        if refiner is None:
             return None
-        b = self.refiner.bundle
+        b = refiner.bundle
         return f"{b.name} [{b.model_hash}]" if b.model_hash else b.name
 
-    def check_refiner(self, p: GenerationParams) -> bool:
+    def check_refiner(self, p: GenerationParams, refiner: Pipeline | None = None) -> bool:
         """Whether ``p`` uses the refiner (the webui: ``refiner_checkpoint`` names one; its
         ``refiner_switch_at`` alone does nothing); one-line errors for a refiner that is not the one
-        attached, a switch outside (0, 1], or hires fix with a refiner."""
+        attached (or ``refiner``, one about to be: ``sdrt serve`` checks a request against the refiner
+        it names before the job attaches it), a switch outside (0, 1], or hires fix with a refiner."""
         if p.refiner_checkpoint in (None, "", "None", "none"):
             return False
-        if self.refiner is None:
+        if refiner is not None:
+            self._check_latent_space(refiner)
+        refiner = refiner if refiner is not None else self.refiner
+        if refiner is None:
             raise SdrtError(f"refiner_checkpoint {p.refiner_checkpoint!r}: no refiner model is loaded "
                             "(sdrt generate --refiner MODEL; Pipeline.set_refiner)")
-        name = self.refiner.bundle.name
+        name, title = refiner.bundle.name, self.refiner_title(refiner)
         given = str(p.refiner_checkpoint)
-        if given not in (name, self.refiner_title()) and Path(given.split(" [")[0]).stem != name:
-            raise SdrtError(f"refiner_checkpoint {given!r} is not the refiner loaded ({self.refiner_title()})")
+        if given not in (name, title) and Path(given.split(" [")[0]).stem != name:
+            raise SdrtError(f"refiner_checkpoint {given!r} is not the refiner loaded ({title})")
         at = p.refiner_switch_at
         if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float, np.number))
                                or not 0.0 < float(at) <= 1.0):

@@ -188,20 +188,48 @@ class Server:
             raise SdrtError("no model to serve: the checkpoint folder is empty and the embedded model is missing")
         return models[0]
 
-    def find_model(self, name) -> ModelEntry:
-        """The catalog entry a client names by title, name, or title without its hash."""
+    def find_model(self, name, field: str = "sd_model_checkpoint") -> ModelEntry:
+        """The catalog entry a client names (in ``field``) by title, name, or title without its hash."""
         if not isinstance(name, str):
-            raise SdrtError(f"sd_model_checkpoint must be a model title, got {name!r}")
+            raise SdrtError(f"{field} must be a model title, got {name!r}")
         models = self.config.list_models()
         for m in models:
             if name in (m.title, m.model_name, m.title.split(" [")[0]):
                 return m
-        raise SdrtError(f"sd_model_checkpoint: unknown model {name!r}; GET /sdapi/v1/sd-models lists them")
+        raise SdrtError(f"{field}: unknown model {name!r}; GET /sdapi/v1/sd-models lists them")
+
+    # -- the refiner --
+
+    async def refiner(self, payload: dict) -> Pipeline | None:
+        """The pipeline of the model a request's ``refiner_checkpoint`` names (None for none): a
+        checkpoint of the catalog, as the webui resolves it among its checkpoints. Loaded in the worker
+        between jobs (exporting a checkpoint on first use); one refiner is kept loaded, as the webui
+        keeps one model besides the main one."""
+        name = payload.get("refiner_checkpoint")
+        if name in (None, "", "None", "none"):
+            return None
+        entry = self.find_model(name, "refiner_checkpoint")
+        kept = self._refiner
+        if kept is not None and kept[0] == entry:
+            return kept[1]
+
+        def load(pipe, job):
+            self._refiner = None  # the old one goes before the new one loads
+            loaded = self.config.load(entry, "None")  # the webui's refiner decodes with its own VAE
+            self._refiner = (entry, loaded)
+            return loaded
+
+        return await self.run(f"load refiner {entry.title}", load)
+
+    _refiner: tuple[ModelEntry, Pipeline] | None = None
 
     # -- generation --
 
-    def params(self, payload: dict, kind: type[GenerationParams] = GenerationParams) -> GenerationParams:
-        """A webui txt2img (or img2img: ``kind``) payload over the server's options, checked against the limits."""
+    def params(self, payload: dict, kind: type[GenerationParams] = GenerationParams,
+               refiner: Pipeline | None = None) -> GenerationParams:
+        """A webui txt2img (or img2img: ``kind``) payload over the server's options, checked against the
+        limits; ``refiner``: the pipeline its ``refiner_checkpoint`` names (``Server.refiner``), which the
+        request is checked against and then names by its title."""
         _check_numbers(payload)
         payload = dict(payload)
         if payload.get("sampler_name") and "sampler_index" in payload:
@@ -233,7 +261,12 @@ class Server:
             value = getattr(params, name)
             if isinstance(value, int) and value * 8 > c.max_pixels:
                 raise SdrtError(f"{name} {value} is too large for {c.max_pixels} pixels (--max-pixels)")
-        plan = self.worker.pipeline.plan(params)  # every check of the runtime, before queueing
+        pipe = self.worker.pipeline
+        if refiner is not None:  # named as the infotext writes it: the catalog's name may be a file's
+            params = params.replace(refiner_checkpoint=pipe.refiner_title(refiner))
+            pipe.check_refiner(params, refiner)
+        # every check of the runtime, before queueing (the refiner's, above: the job attaches it)
+        plan = pipe.plan(params.replace(refiner_checkpoint=None) if refiner is not None else params)
         if params.batch_size * params.n_iter > c.max_batch:
             raise SdrtError(f"batch_size x n_iter must be at most {c.max_batch} (--max-batch), "
                             f"got {params.batch_size} x {params.n_iter}")
@@ -255,7 +288,10 @@ class Server:
         if vae not in choices:
             raise SdrtError(f"sd_vae: choose one of {', '.join(choices)} (GET /sdapi/v1/sd-vae), got {vae!r}")
 
-    def generate(self, pipe: Pipeline, job: Job, params: GenerationParams) -> tuple[Plan, list[GeneratedImage]]:
+    def generate(self, pipe: Pipeline, job: Job, params: GenerationParams,
+                 refiner: Pipeline | None = None) -> tuple[Plan, list[GeneratedImage]]:
+        if refiner is not None:  # in the worker thread: the request's refiner, for this job
+            pipe.set_refiner(refiner)
         plan = pipe.plan(params)
 
         def on_step(event):  # in the worker thread, between two steps: the pipeline is free
@@ -504,10 +540,11 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.post(f"{api}/txt2img", openapi_extra=openapi_body(request_schema(GenerationParams)))
     async def txt2img(request: Request, payload: Annotated[dict, Body()]):
-        params = server.params(payload)
+        refiner = await server.refiner(payload)
+        params = server.params(payload, refiner=refiner)
 
         def run(pipe, job):
-            plan, images = server.generate(pipe, job, params)
+            plan, images = server.generate(pipe, job, params, refiner)
             return {"images": [_encode_png(im) for im in images], "parameters": payload,
                     "info": json.dumps(server.info(pipe, job, plan, images))}
 
@@ -523,12 +560,13 @@ def create_app(config: ServeConfig) -> FastAPI:
         decoded = [_decode_image(im, f"init_images[{i}]", 4 * config.max_pixels) for i, im in enumerate(images)]
         mask = payload.get("mask")  # inpainting: a base64 image; None or "" for none, as the webui
         mask = _decode_image(mask, "mask", 4 * config.max_pixels) if mask not in (None, "") else None
-        params = server.params({**payload, "init_images": decoded, "mask": mask}, Img2imgParams)
+        refiner = await server.refiner(payload)
+        params = server.params({**payload, "init_images": decoded, "mask": mask}, Img2imgParams, refiner)
         # the webui's response leaves the request's images out unless include_init_images
         shown = payload if payload.get("include_init_images") else {**payload, "init_images": None, "mask": None}
 
         def run(pipe, job):
-            plan, images = server.generate(pipe, job, params)
+            plan, images = server.generate(pipe, job, params, refiner)
             return {"images": [_encode_png(im) for im in images], "parameters": shown,
                     "info": json.dumps(server.info(pipe, job, plan, images))}
 
@@ -552,10 +590,11 @@ def create_app(config: ServeConfig) -> FastAPI:
             if not (x and w.isdigit() and h.isdigit()):
                 raise SdrtError(f"size must be WIDTHxHEIGHT, got {size!r}")
             webui.update(width=int(w), height=int(h))
-        params = server.params({**payload, **webui})
+        refiner = await server.refiner(payload)
+        params = server.params({**payload, **webui}, refiner=refiner)
 
         def run(pipe, job):
-            _, images = server.generate(pipe, job, params)
+            _, images = server.generate(pipe, job, params, refiner)
             return {"created": int(time.time()),
                     "data": [{"b64_json": _encode_png(im), "revised_prompt": params.prompt} for im in images]}
 
