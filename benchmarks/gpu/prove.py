@@ -360,6 +360,8 @@ def _torch_speed(args, rec, compile: bool):
     if compile and not cuda:
         rec("speed", backend=name, status="skipped: no CUDA (torch.compile is timed on the GPU only)")
         return
+    if not cuda:  # a rehearsal: one thread, since a 2-thread OpenMP pool stalls on a shared 2-core machine
+        torch.set_num_threads(1)
     peer = _torch_peer(args, precision, compile=compile)
     for label, steps, batch in _speed_cases(args):
         p = _params(args, steps, batch)
