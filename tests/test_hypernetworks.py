@@ -239,13 +239,12 @@ def test_activation_nodes_match_torch(activation, tmp_path):
     from sdrt.runtime.networks import onnx_edit
     from sdrt.runtime.networks.hypernet import _Builder, module_nodes
 
-    make_hypernet(tmp_path / "a.pt", seed=5, activation=activation, layer_norm=True, activate_output=True,
-                  widths=(8,), scale=1.0)
     torch_modules = make_hypernet(tmp_path / "a.pt", seed=5, activation=activation, layer_norm=True,
                                   activate_output=True, widths=(8,), scale=1.0)
     hn = read_hypernetwork(tmp_path / "a.pt")
     w = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])],
+    nodes = [helper.make_node("Identity", ["x"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])]
+    graph = helper.make_graph(nodes,
                               "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 3])],
                               [numpy_helper.from_array(w, "w")])
@@ -347,6 +346,7 @@ def test_cli_without_torch(tiny_bundle, tmp_path, no_torch_dir):
         r = run_sdrt("generate", f"{PROMPT} <hypernet:{tag}>", "-m", tiny_bundle, "--steps", 2, "--hypernetwork-dir",
                      folder, "--output", tmp_path / tag, pythonpath_first=no_torch_dir)
         lines = r.stderr.strip().splitlines()
-        assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+        assert r.returncode != 0 and len(lines) == 1, r.stderr
+        assert lines[0].startswith("error: ") and message in lines[0]
         assert not (tmp_path / tag).exists()
     assert canary.read_text() == "untouched"

@@ -21,6 +21,7 @@ cross-attentions share) is computed once per UNet run. Nothing is written to dis
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import zipfile
 from collections import OrderedDict
@@ -97,11 +98,13 @@ def layout(dim: int, structure: list[float], activation: str | None, layer_norm:
 
 
 def _read_file(path: Path) -> dict:
-    if path.is_file() and not zipfile.is_zipfile(path) and path.read_bytes()[:2] == b"PK":
-        raise SdrtError(f"{path}: truncated or corrupt torch file (its zip directory is missing)")
-    obj = read_torch_pickle(path) if path.is_file() else None
-    if obj is None:
+    if not path.is_file():
         raise SdrtError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(2) == b"PK":  # a zip whose end (its directory) is cut off
+                raise SdrtError(f"{path}: truncated or corrupt torch file (its zip directory is missing)")
+    obj = read_torch_pickle(path)
     if not isinstance(obj, dict):
         raise SdrtError(f"{path}: not a hypernetwork (a {type(obj).__name__}, not a dict)")
     return obj
@@ -306,7 +309,8 @@ def projections(prov: provenance.Provenance, gprov: provenance.GraphProvenance, 
     return sorted(out)
 
 
-def build_edit(prov: provenance.Provenance, graph: Path, chain: list[tuple[Hypernetwork, float]]) -> onnx_edit.GraphEdit:
+def build_edit(prov: provenance.Provenance, graph: Path,
+               chain: list[tuple[Hypernetwork, float]]) -> onnx_edit.GraphEdit:
     """The graph edit that puts a set of hypernetworks (in prompt order) in front of every
     ``to_k`` / ``to_v`` projection of ``graph`` whose context width one of them has modules for."""
     gprov = prov.graph(graph)
@@ -342,8 +346,9 @@ def build_edit(prov: provenance.Provenance, graph: Path, chain: list[tuple[Hyper
 
 
 def read_nodes_of(graph: Path) -> list[onnx_edit.Node]:
-    with open(graph, "rb") as f:
-        return onnx_edit.read_nodes(f.read())
+    """The graph file's nodes, read from a memory map (graphs with their weights inside are large)."""
+    with open(graph, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return onnx_edit.read_nodes(data)
 
 
 class HypernetOverrides:
@@ -420,7 +425,8 @@ class Hypernetworks:
                 self._read.popitem(last=False)
         return self._read[active.sha256]
 
-    def overrides(self, prov: provenance.Provenance, session, active: list[ActiveHypernet], base, key) -> HypernetOverrides:
+    def overrides(self, prov: provenance.Provenance, session, active: list[ActiveHypernet], base,
+                  key) -> HypernetOverrides:
         """The session's graph with the set's nodes (``base``: the LoRA values, or None), cached by ``key``."""
         cache = self._edits.setdefault(str(session.path), OrderedDict())
         edit = cache.get(key)

@@ -119,23 +119,23 @@ def _graph_field(buf) -> tuple[int, int, int, int]:
 
 def read_nodes(data) -> list[Node]:
     """The graph's nodes in file order (op type, inputs, outputs)."""
-    buf = memoryview(data)
-    _, a, n, _ = _graph_field(buf)
     out = []
-    for number, wire, value, _, _ in _raw_fields(buf, a, a + n):
-        if number != 1 or wire != 2:
-            continue
-        op, inputs, outputs = "", [], []
-        for n2, w2, v2, _, _ in _raw_fields(buf, value[0], value[0] + value[1]):
-            if w2 != 2:
+    with memoryview(data) as buf:
+        _, a, n, _ = _graph_field(buf)
+        for number, wire, value, _, _ in _raw_fields(buf, a, a + n):
+            if number != 1 or wire != 2:
                 continue
-            if n2 == 1:
-                inputs.append(_text(buf, v2))
-            elif n2 == 2:
-                outputs.append(_text(buf, v2))
-            elif n2 == 4:
-                op = _text(buf, v2)
-        out.append(Node(len(out), op, tuple(inputs), tuple(outputs)))
+            op, inputs, outputs = "", [], []
+            for n2, w2, v2, _, _ in _raw_fields(buf, value[0], value[0] + value[1]):
+                if w2 != 2:
+                    continue
+                if n2 == 1:
+                    inputs.append(_text(buf, v2))
+                elif n2 == 2:
+                    outputs.append(_text(buf, v2))
+                elif n2 == 4:
+                    op = _text(buf, v2)
+            out.append(Node(len(out), op, tuple(inputs), tuple(outputs)))
     return out
 
 

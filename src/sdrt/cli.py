@@ -127,8 +127,8 @@ def main(verbose: bool):
 @click.option("--vae-tile-size", default=256, show_default=True, type=int, help="VAE tile side in pixels.")
 @click.option("--cuda-graph", is_flag=True, help="Capture CUDA graphs of the UNet (GPU devices, fixed shapes).")
 @_friendly
-def generate(prompt, model, embeddings_dir, lora_dir, hypernetwork_dir, vae, vae_dir, device, precision, no_half_vae, output, memory,
-             medvram, lowvram, vae_tiling, vae_tile_size, cuda_graph, **params):
+def generate(prompt, model, embeddings_dir, lora_dir, hypernetwork_dir, vae, vae_dir, device, precision, no_half_vae,
+             output, memory, medvram, lowvram, vae_tiling, vae_tile_size, cuda_graph, **params):
     """Generate images from PROMPT (txt2img; with --enable-hr, the webui's hires fix)."""
     from sdrt.runtime.pipeline import GenerationParams, Img2imgPipeline, Pipeline
 
@@ -255,8 +255,8 @@ _FILLS = {"fill": 0, "original": 1, "latent noise": 2, "latent nothing": 3, "0":
 @click.option("--outpaint-direction", "outpaint_directions", multiple=True,
               type=click.Choice(["left", "right", "up", "down"]), help="Sides to grow (repeat; default: all four).")
 @_friendly
-def img2img(prompt, model, embeddings_dir, lora_dir, hypernetwork_dir, vae, vae_dir, device, precision, no_half_vae, output, memory,
-            medvram, lowvram, vae_tiling, vae_tile_size, cuda_graph, init_images, resize_mode, mask, inpainting_fill, inpainting_mask_invert, outpaint_pixels,
+def img2img(prompt, model, embeddings_dir, lora_dir, hypernetwork_dir, vae, vae_dir, device, precision, no_half_vae,
+            output, memory, medvram, lowvram, vae_tiling, vae_tile_size, cuda_graph, init_images, resize_mode, mask, inpainting_fill, inpainting_mask_invert, outpaint_pixels,
             outpaint_directions, **params):
     """Generate images from init images and PROMPT (img2img; inpainting with --mask), as the webui's img2img tab."""
     from sdrt.runtime.pipeline import Img2imgParams, Img2imgPipeline
