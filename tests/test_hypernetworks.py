@@ -37,7 +37,8 @@ TORCH_ACTIVATIONS = {"linear": torch.nn.Identity, "relu": torch.nn.ReLU, "leakyr
                      "selu": torch.nn.SELU, "celu": torch.nn.CELU, "relu6": torch.nn.ReLU6,
                      "hardtanh": torch.nn.Hardtanh, "hardsigmoid": torch.nn.Hardsigmoid,
                      "softsign": torch.nn.Softsign, "tanhshrink": torch.nn.Tanhshrink,
-                     "logsigmoid": torch.nn.LogSigmoid}
+                     "logsigmoid": torch.nn.LogSigmoid, "rrelu": torch.nn.RReLU, "hardshrink": torch.nn.Hardshrink,
+                     "softshrink": torch.nn.Softshrink}
 
 
 # -- the webui's modules, in torch (modules/hypernetworks/hypernetwork.py) --
@@ -260,6 +261,23 @@ def test_activation_nodes_match_torch(activation, tmp_path):
     with torch.no_grad():
         expected = (v(torch.from_numpy(x)) @ torch.from_numpy(w)).numpy()
     assert np.abs(got - expected).max() < 1e-4 * max(1.0, np.abs(expected).max()), activation
+
+
+def test_missing_settings_take_the_webui_defaults(tmp_path):
+    """``Hypernetwork.load``'s defaults: ``activate_output`` true when the file does not say (the
+    activation after the last Linear too), dropout from ``use_dropout`` / ``last_layer_dropout``
+    (its index counted in the keys)."""
+    torch_modules = make_hypernet(tmp_path / "a.pt", seed=3, structure=(1, 2, 2, 1), activation="relu",
+                                  activate_output=True, dropout=(0, 0.3, 0.3, 0), widths=(8,))
+    d = torch.load(tmp_path / "a.pt", weights_only=False)
+    for key in ("activate_output", "dropout_structure"):
+        del d[key]
+    torch.save({**d, "use_dropout": True, "last_layer_dropout": True}, tmp_path / "b.pt")
+    (k, _) = read_hypernetwork(tmp_path / "b.pt").modules[8]
+    assert [layer.kind for layer in k.layers] == ["linear", "act", "linear", "act", "linear", "act"]
+    weights = [layer.weight for layer in k.layers if layer.kind == "linear"]
+    assert all(np.array_equal(w, m.weight.detach().numpy()) for w, m in
+               zip(weights, [m for m in torch_modules[8][0].linear if isinstance(m, torch.nn.Linear)]))
 
 
 # -- names --

@@ -40,11 +40,12 @@ _LN_EPSILON = 1e-5  # torch.nn.LayerNorm's default, which the webui's modules us
 
 # The webui's activation_dict: its own names ("swish" is torch's Hardswish) and every
 # torch.nn activation class by its lower-case name; those without weights of their own are
-# written here as ONNX ops (defaults of the torch classes). Others (PReLU, Softmax, GLU, ...)
-# are refused by name.
+# written here as ONNX ops (defaults of the torch classes, at inference). Others (PReLU, which
+# has weights; Softmax, Softmin and LogSoftmax, which would normalize over the batch; GLU, which
+# halves the width; Threshold and MultiheadAttention, which need arguments) are refused by name.
 ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "hardswish", "tanh", "sigmoid", "gelu", "silu",
                "mish", "softplus", "selu", "celu", "relu6", "hardtanh", "hardsigmoid", "softsign", "tanhshrink",
-               "logsigmoid")
+               "logsigmoid", "rrelu", "hardshrink", "softshrink")
 
 
 # -- the file --
@@ -245,6 +246,10 @@ def _activation(b: _Builder, name: str, x: str) -> str:
                      "softplus": "Softplus"}[name], x)
     if name == "leakyrelu":
         return b.op("LeakyRelu", x, alpha=0.01)
+    if name == "rrelu":  # at inference a leaky ReLU with the mean of its slopes, (1/8 + 1/3) / 2
+        return b.op("LeakyRelu", x, alpha=(1.0 / 8.0 + 1.0 / 3.0) / 2.0)
+    if name in ("hardshrink", "softshrink"):
+        return b.op("Shrink", x, lambd=0.5, bias=0.5 if name == "softshrink" else 0.0)
     if name == "elu":
         return b.op("Elu", x, alpha=1.0)
     if name == "celu":
