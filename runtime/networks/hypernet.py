@@ -114,7 +114,8 @@ def _read_file(path: Path) -> dict:
 def read_hypernetwork(path: str | Path) -> Hypernetwork:
     """A webui hypernetwork file as the webui's ``Hypernetwork.load`` reads it (its defaults for
     missing settings; old ``linear1`` / ``linear2`` keys renamed by ``fix_old_state_dict``); a
-    one-line error naming the file and key for anything the webui's strict load would refuse."""
+    one-line error naming the file and key for anything the webui's strict load would refuse (the
+    webui logs such a file and generates without it; sdrt stops: docs/DIFFERENCES.md)."""
     path = Path(path)
     d = _read_file(path)
     structure = d.get("layer_structure", [1, 2, 1]) or [1, 2, 1]
@@ -206,6 +207,8 @@ class HypernetLibrary:
         return out
 
     def get(self, name: str) -> Path:
+        """The file of a name; an unknown name is one error naming the folders (the webui logs it and
+        goes on without it: docs/DIFFERENCES.md)."""
         path = self.scan().get(name)
         if path is None:
             where = ", ".join(str(f) for f in self.folders)
