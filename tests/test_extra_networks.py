@@ -1,6 +1,6 @@
 """Extra-network tags (``<lora:name:0.8>``): parsed and cut out of the prompt as the webui's
-``modules/extra_networks.py`` does; hypernetworks and unknown types warned about (LoRA tags are
-applied by the pipeline: tests/test_networks.py)."""
+``modules/extra_networks.py`` does; unknown types warned about (LoRA and hypernetwork tags are
+applied by the pipeline: tests/test_networks.py, tests/test_hypernetworks.py)."""
 
 from __future__ import annotations
 
@@ -93,9 +93,10 @@ def test_warnings_name_the_networks(caplog):
     with caplog.at_level(logging.WARNING):
         assert strip_extra_networks("a <lora:x:0.8> <hypernet:h> <foo:bar>", "ugly <lora:neg:1>") == "a   "
     positive, negative = [r.getMessage() for r in caplog.records]
-    # LoRA tags are applied by the pipeline (tests/test_networks.py): not named as skipped
-    assert "not applied" in positive and "<hypernet:h>, <foo:bar> (unknown type)" in positive
-    assert "lora" not in positive
+    # LoRA and hypernetwork tags are applied by the pipeline (tests/test_networks.py,
+    # tests/test_hypernetworks.py): not named as skipped
+    assert "not applied" in positive and "unknown types" in positive and positive.endswith(": <foo:bar>")
+    assert "lora" not in positive and "hypernet" not in positive
     assert "negative prompt" in negative and "encoded as text" in negative and "<lora:neg:1>" in negative
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -130,9 +131,10 @@ def test_tagged_prompt_gives_the_conditioning_of_the_prompt_without_tags(tiny_pi
     te = tiny_pipeline.text_encoder
     with caplog.at_level(logging.WARNING, logger="sdrt.runtime.text.encoder"):
         got = te.conditioning(tagged, "blurry, ugly", 8)
-    # LoRA tags are the pipeline's to apply (tests/test_networks.py); the others are named as skipped
-    assert all(r.levelno == logging.WARNING and "<lora:" not in r.getMessage() for r in caplog.records)
-    assert bool(caplog.records) == ("<hypernet:" in tagged)
+    # LoRA and hypernetwork tags are the pipeline's to apply; unknown types are named as skipped
+    assert all(r.levelno == logging.WARNING and "<lora:" not in r.getMessage() and "<hypernet:" not in r.getMessage()
+               for r in caplog.records)
+    assert bool(caplog.records) == ("<foo:" in tagged)
     _same(got, te.conditioning(plain, "blurry, ugly", 8))
 
 
@@ -147,14 +149,17 @@ def test_tags_in_the_negative_prompt_are_text_as_in_the_webui(tiny_pipeline, cap
 
 
 def test_generation_with_a_tag_matches_without_and_the_infotext_keeps_it(tiny_pipeline, caplog):
-    p = GenerationParams("a red circle <hypernet:x:0.8>", negative_prompt="ugly", steps=2, seed=3, width=64,
+    p = GenerationParams("a red circle <foo:x:0.8>", negative_prompt="ugly", steps=2, seed=3, width=64,
                          height=64)
     with caplog.at_level(logging.WARNING):
         (tagged,) = tiny_pipeline.generate(p)
-    assert any("<hypernet:x:0.8>" in r.getMessage() for r in caplog.records)
+    assert any("<foo:x:0.8>" in r.getMessage() for r in caplog.records)
     (plain,) = tiny_pipeline.generate(GenerationParams(**{**p.__dict__, "prompt": "a red circle"}))
     assert np.array_equal(np.asarray(tagged.image), np.asarray(plain.image))
-    assert tagged.infotext.startswith("a red circle <hypernet:x:0.8>\nNegative prompt: ugly\n")
-    # a LoRA the folders lack is one clear error (tests/test_networks.py applies real ones)
+    assert tagged.infotext.startswith("a red circle <foo:x:0.8>\nNegative prompt: ugly\n")
+    # a LoRA or hypernetwork the folders lack is one clear error (tests/test_networks.py and
+    # tests/test_hypernetworks.py apply real ones)
     with pytest.raises(SdrtError, match=r"no LoRA named 'x'"):
         tiny_pipeline.generate(GenerationParams(**{**p.__dict__, "prompt": "a red circle <lora:x:0.8>"}))
+    with pytest.raises(SdrtError, match=r"no hypernetwork named 'x' in models/hypernetworks"):
+        tiny_pipeline.generate(GenerationParams(**{**p.__dict__, "prompt": "a red circle <hypernet:x:0.8>"}))

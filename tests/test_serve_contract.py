@@ -125,12 +125,14 @@ def test_embeddings_lists_loaded_and_skipped(tmp_path):
 
 
 def test_loras_and_vaes_are_listed_and_applied(tmp_path):
-    """``/loras`` and ``/sd-vae`` list ``--lora-dir`` and ``--vae-dir`` (names relative to the folders);
-    a ``<lora:>`` tag in a payload changes the image and writes ``Lora hashes``; ``sd_vae`` switches
+    """``/loras``, ``/sd-vae`` and ``/hypernetworks`` list ``--lora-dir``, ``--vae-dir`` and
+    ``--hypernetwork-dir`` (names relative to the folders); a ``<lora:>`` tag in a payload changes the
+    image and writes ``Lora hashes``, a ``<hypernet:>`` tag changes it too; ``sd_vae`` switches
     the VAE through ``options`` (a queued load job), never per request, and the info names it."""
     import torch
     from sdrt.export import convert
     from sdrt.export.write import load_checkpoint
+    from test_hypernetworks import make_hypernet
     from test_networks import _vae_file, make_lora, write_network
     from test_serve import _request
 
@@ -141,8 +143,11 @@ def test_loras_and_vaes_are_listed_and_applied(tmp_path):
     write_network(lora_dir / "styles" / "bold.safetensors", make_lora(modules[0], modules[2], torch.Generator().manual_seed(1)),
                   {"ss_output_name": "boldface"})
     _vae_file(modules, configs, vae_dir / "warm.vae.safetensors")
+    hn_dir = tmp_path / "hypernetworks"
+    make_hypernet(hn_dir / "styles" / "soft.pt", seed=2, activation="relu",
+                  widths=(modules[0].config.cross_attention_dim, *modules[0].config.block_out_channels))
     s = Server(tmp_path, "--ckpt-dir", str(tmp_path / "none"), "--lora-dir", str(lora_dir), "--vae-dir", str(vae_dir),
-               "--max-pixels", str(64 * 64))
+               "--hypernetwork-dir", str(hn_dir), "--max-pixels", str(64 * 64))
     try:
         status, _, loras = _request(s.api("loras"))
         assert status == 200 and [(x["name"], x["alias"], x["path"]) for x in loras] == [
@@ -157,6 +162,10 @@ def test_loras_and_vaes_are_listed_and_applied(tmp_path):
         assert 'Lora hashes: "boldface: ' in json.loads(tagged["info"])["infotexts"][0]
         status, _, body = _request(s.api("txt2img"), {**base, "prompt": "<lora:missing:1> x"})
         assert status == 422 and "missing" in body["detail"]
+        assert _request(s.api("hypernetworks"))[2] == [{"name": "soft", "path": "styles/soft.pt"}]
+        hyper = _request(s.api("txt2img"), {**base, "prompt": "a red circle <hypernet:soft:0.5>"})[2]
+        assert hyper["images"][0] not in (plain["images"][0], tagged["images"][0])
+        assert json.loads(hyper["info"])["infotexts"][0].startswith("a red circle <hypernet:soft:0.5>\n")
         status, _, body = _request(s.api("txt2img"), {**base, "override_settings": {"sd_vae": "warm.vae.safetensors"}})
         assert status == 422 and "options" in body["detail"]
         assert _request(s.api("options"), {"sd_vae": "../outside.pt"})[0] == 422

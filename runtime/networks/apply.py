@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.networks import files, lora, provenance
+from sdrt.runtime.networks import files, hypernet, lora, provenance
 from sdrt.runtime.networks.onnx_weights import GraphWeights
 from sdrt.runtime.text.extra_networks import ExtraNetwork, parse_prompt
 
@@ -281,13 +281,15 @@ class _GraphCache:
 
 
 class Networks:
-    """The LoRA / LyCORIS networks of a pipeline's bundle: ``activate(prompt, sessions)`` puts the
-    prompt's set into the sessions (made again only when the set changes) and returns the
-    infotext fields (``Lora hashes``)."""
+    """The LoRA / LyCORIS networks and hypernetworks of a pipeline's bundle: ``activate(prompt,
+    sessions)`` puts the prompt's set into the sessions (made again only when the set changes) and
+    returns the infotext fields (``Lora hashes``; the webui writes nothing for hypernetworks but
+    the prompt's tags)."""
 
-    def __init__(self, bundle, lora_dir=None):
+    def __init__(self, bundle, lora_dir=None, hypernetwork_dir=None):
         self.bundle = bundle
         self.library = Library(lora_dir)
+        self.hypernets = hypernet.Hypernetworks(hypernetwork_dir)
         self._provenance: dict[str, provenance.Provenance] = {}
         self._names: dict[str, dict[str, str]] | None = None
         self._hashes: dict[tuple, tuple[str, str]] = {}  # stat key -> (sha256, webui hash)
@@ -343,16 +345,25 @@ class Networks:
         the infotext fields."""
         _, tags = parse_prompt(prompt)
         active = self.resolve(tags)
-        if not active and not self._current:
+        # A multiplier of 0 leaves the context as it is (x + 0 * mlp(x))
+        hypernets = [h for h in self.hypernets.resolve(tags) if h.multiplier != 0]
+        if not active and not hypernets and not self._current:
             return {"Lora hashes": None}
         # Every component's merge first, then the sessions: a file that fails leaves all as they were
         changes = []
         for component, session in sessions.items():
             used = [a for a in active if a.multiplier(component) != 0]
             signature = tuple((a.sha256, a.multiplier(component), a.dyn) for a in used)
-            if self._current.get(session, ()) != signature:
-                check_session(session, component, "LoRA networks")
-                changes.append((session, signature, self._overrides(component, session, used, signature)))
+            # Hypernetworks change the UNet's attention context (runtime/networks/hypernet.py)
+            hyper = tuple((h.sha256, h.multiplier) for h in hypernets) if component == "unet" else ()
+            full = signature + ((("hypernet",) + hyper,) if hyper else ())
+            if self._current.get(session, ()) != full:
+                check_session(session, component, "hypernetworks" if hyper and not used else "LoRA networks")
+                overrides = self._overrides(component, session, used, signature)
+                if hyper:
+                    overrides = self.hypernets.overrides(self.provenance(component), session, hypernets, overrides,
+                                                         full)
+                changes.append((session, full, overrides))
         for session, signature, overrides in changes:
             session.set_overrides(overrides)
             self._current[session] = signature

@@ -98,7 +98,7 @@ class Pipeline:
                  embeddings_dir: str | Path | list | None = None, memory: str = "normal",
                  vae_tiling: tiling.TileSpec | None = None, cuda_graph: bool = False,
                  precision: str = "auto", half_vae: bool = True, lora_dir: str | Path | list | None = None,
-                 vae: str | Path | None = None):
+                 vae: str | Path | None = None, hypernetwork_dir: str | Path | list | None = None):
         if memory not in MEMORY_MODES:
             raise SdrtError(f"unknown memory mode {memory!r}; valid modes: {', '.join(MEMORY_MODES)}")
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
@@ -128,8 +128,9 @@ class Pipeline:
         if isinstance(channels, int) and channels > self.bundle.latent_channels:
             # an inpainting UNet (9 = 4 latents + 1 mask + 4 masked-image latents)
             self.denoiser.image_channels = channels - self.bundle.latent_channels
-        # <lora:...> tags: merged into the text encoder and UNet sessions (runtime/networks)
-        self.networks = Networks(self.bundle, lora_dir)
+        # <lora:...> tags: merged into the text encoder and UNet sessions; <hypernet:...> tags: nodes
+        # added to the UNet graph (runtime/networks)
+        self.networks = Networks(self.bundle, lora_dir, hypernetwork_dir)
         self._interrupted = threading.Event()
         self._skipped = threading.Event()
 

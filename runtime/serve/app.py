@@ -72,6 +72,7 @@ class ServeConfig:
     cmd_flags: dict = field(default_factory=dict)
     # The webui's /loras items ({"name", "alias", "path", "metadata"}) and /sd-vae names
     list_loras: Callable[[], list[dict]] = list
+    list_hypernetworks: Callable[[], list[dict]] = list
     list_vaes: Callable[[], list[str]] = list
 
 
@@ -651,8 +652,12 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def sd_vae():
         return [{"model_name": name, "filename": name} for name in config.list_vaes()]
 
-    # Hypernetworks, face restoration, styles and scripts do not exist in sdrt: their lists are empty
-    for route in ("hypernetworks", "face-restorers", "prompt-styles", "script-info"):
+    @app.get(f"{api}/hypernetworks")
+    async def hypernetworks():
+        return await asyncio.to_thread(config.list_hypernetworks)
+
+    # Face restoration, styles and scripts do not exist in sdrt: their lists are empty
+    for route in ("face-restorers", "prompt-styles", "script-info"):
         app.get(f"{api}/{route}", name=route)(_empty_list)
 
     @app.get(f"{api}/scripts")

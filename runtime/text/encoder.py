@@ -26,7 +26,6 @@ from sdrt.runtime.bundle import Bundle
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.spec import TEXT_TOKENS
 from sdrt.runtime.text.embeddings import Embedding, EmbeddingLibrary
-from sdrt.runtime.text.extra_networks import LORA_TYPES
 from sdrt.runtime.text.extra_networks import parse_prompt as parse_extra_networks
 from sdrt.runtime.text.prompt import parse_emphasis, prompt_schedule, split_and
 from sdrt.runtime.text.tokenizer import ClipTokenizer
@@ -201,15 +200,14 @@ def ti_hashes(cond: MultiCond, uncond: CondSchedule) -> str | None:
 
 
 def strip_extra_networks(prompt: str, negative_prompt: str) -> str:
-    """The prompt without its extra-network tags (``<lora:name:0.8>``). LoRA tags are applied by
-    the pipeline (runtime/networks); the others, which sdrt does not apply yet, are named in a
-    warning. Tags in the negative prompt stay text, as in the webui."""
+    """The prompt without its extra-network tags (``<lora:name:0.8>``, ``<hypernet:name:0.5>``), which
+    the pipeline applies (runtime/networks); tags of unknown types, which the webui skips too, are
+    named in a warning. Tags in the negative prompt stay text, as in the webui."""
     text, networks = parse_extra_networks(prompt)
-    skipped = [n for n in networks if n.type not in LORA_TYPES]
+    skipped = [n for n in networks if not n.known]
     if skipped:
-        log.warning("extra networks are not applied (sdrt has no hypernetwork support yet); "
-                    "removed from the prompt: %s",
-                    ", ".join(n.tag if n.known else f"{n.tag} (unknown type)" for n in skipped))
+        log.warning("extra networks of unknown types are not applied; removed from the prompt: %s",
+                    ", ".join(n.tag for n in skipped))
     _, in_negative = parse_extra_networks(negative_prompt)
     if in_negative:
         log.warning("extra-network tags in the negative prompt are encoded as text, as the webui does "

@@ -10,7 +10,8 @@ are positional (the webui's ``ExtraNetworkParams``).
 
 Only the positive prompt is read so: the webui leaves tags in the negative prompt, where CLIP
 encodes them as text. ``<lora:...>`` (and ``<lyco:...>``) tags are applied by the pipeline
-(``runtime/networks/apply.py``: merged weights, docs/NETWORKS.md); hypernetworks are not yet.
+(``runtime/networks/apply.py``: merged weights), ``<hypernet:...>`` tags too
+(``runtime/networks/hypernet.py``: nodes in the UNet graph); docs/NETWORKS.md.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sdrt.runtime.errors import SdrtError
 
 # The webui's registered types: lora (its Lora extension, with lyco an alias) and hypernet
 NETWORK_TYPES = ("lora", "lyco", "hypernet")
-LORA_TYPES = ("lora", "lyco")  # applied by runtime/networks
+LORA_TYPES = ("lora", "lyco")  # merged into the weights by runtime/networks/apply.py
 
 _TAG = re.compile(r"<(\w+):([^>]+)>")
 

@@ -22,6 +22,7 @@ class Pipeline(Img2imgPipeline):
         """``vae``: a VAE file (or a file name in ``vae_dir``, default ``models/VAE``), ``"auto"`` the
         webui's Automatic rule (``nai.vae.pt`` beside ``nai.ckpt``), ``"none"`` the model's own;
         ``lora_dir`` (default ``models/Lora``): where ``<lora:name:weight>`` tags find their files;
+        ``hypernetwork_dir`` (default ``models/hypernetworks``): ``<hypernet:name:multiplier>``'s;
         ``refiner``: a second model (SDXL's refiner) that requests naming it in ``refiner_checkpoint``
         switch to at ``refiner_switch_at``, as the webui's Refiner."""
         from sdrt.runtime.bundle import open_bundle

@@ -95,6 +95,10 @@ def main(verbose: bool):
               "in the prompt.")
 @click.option("--lora-dir", default="models/Lora", show_default=True, type=click.Path(file_okay=False),
               help="Folder of LoRA / LyCORIS files (subfolders included), named in the prompt as <lora:name:weight>.")
+@click.option("--hypernetwork-dir", default="models/hypernetworks", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Folder of the webui's hypernetwork files (.pt, subfolders included), named in the prompt as "
+              "<hypernet:name:multiplier>.")
 @click.option("--vae", default="auto", show_default=True,
               help="VAE file to decode (and encode) with: a path or a file name in --vae-dir; auto = the webui's "
               "Automatic (a VAE named like the checkpoint, e.g. nai.vae.pt beside nai.ckpt); none = the model's own.")
@@ -123,8 +127,8 @@ def main(verbose: bool):
 @click.option("--vae-tile-size", default=256, show_default=True, type=int, help="VAE tile side in pixels.")
 @click.option("--cuda-graph", is_flag=True, help="Capture CUDA graphs of the UNet (GPU devices, fixed shapes).")
 @_friendly
-def generate(prompt, model, embeddings_dir, lora_dir, vae, vae_dir, device, precision, no_half_vae, output, memory,
-             medvram, lowvram, vae_tiling, vae_tile_size, cuda_graph, **params):
+def generate(prompt, model, embeddings_dir, lora_dir, hypernetwork_dir, vae, vae_dir, device, precision, no_half_vae,
+             output, memory, medvram, lowvram, vae_tiling, vae_tile_size, cuda_graph, **params):
     """Generate images from PROMPT (txt2img; with --enable-hr, the webui's hires fix)."""
     from sdrt.runtime.pipeline import GenerationParams, Img2imgPipeline, Pipeline
 
@@ -136,7 +140,7 @@ def generate(prompt, model, embeddings_dir, lora_dir, vae, vae_dir, device, prec
         else (Pipeline, {})
     _render(kind, request, model, output, memory, medvram, lowvram, vae_tiling, vae_tile_size, device=device,
             embeddings_dir=embeddings_dir, cuda_graph=cuda_graph, precision=precision, half_vae=not no_half_vae,
-            lora_dir=lora_dir, vae=(vae, vae_dir), refiner=refiner, **extra)
+            lora_dir=lora_dir, hypernetwork_dir=hypernetwork_dir, vae=(vae, vae_dir), refiner=refiner, **extra)
 
 
 def _hires_upscalers(request, esrgan_dir: str, device: str) -> dict:
@@ -251,8 +255,8 @@ _FILLS = {"fill": 0, "original": 1, "latent noise": 2, "latent nothing": 3, "0":
 @click.option("--outpaint-direction", "outpaint_directions", multiple=True,
               type=click.Choice(["left", "right", "up", "down"]), help="Sides to grow (repeat; default: all four).")
 @_friendly
-def img2img(prompt, model, embeddings_dir, lora_dir, vae, vae_dir, device, precision, no_half_vae, output, memory,
-            medvram, lowvram, vae_tiling, vae_tile_size, cuda_graph, init_images, resize_mode, mask, inpainting_fill, inpainting_mask_invert, outpaint_pixels,
+def img2img(prompt, model, embeddings_dir, lora_dir, hypernetwork_dir, vae, vae_dir, device, precision, no_half_vae,
+            output, memory, medvram, lowvram, vae_tiling, vae_tile_size, cuda_graph, init_images, resize_mode, mask, inpainting_fill, inpainting_mask_invert, outpaint_pixels,
             outpaint_directions, **params):
     """Generate images from init images and PROMPT (img2img; inpainting with --mask), as the webui's img2img tab."""
     from sdrt.runtime.pipeline import Img2imgParams, Img2imgPipeline
@@ -275,7 +279,8 @@ def img2img(prompt, model, embeddings_dir, lora_dir, vae, vae_dir, device, preci
                                                                            sides, callback)]
     _render(Img2imgPipeline, request, model, output, memory, medvram, lowvram, vae_tiling, vae_tile_size,
             device=device, embeddings_dir=embeddings_dir, cuda_graph=cuda_graph, precision=precision,
-            half_vae=not no_half_vae, lora_dir=lora_dir, vae=(vae, vae_dir), refiner=refiner, **script)
+            half_vae=not no_half_vae, lora_dir=lora_dir, hypernetwork_dir=hypernetwork_dir, vae=(vae, vae_dir),
+            refiner=refiner, **script)
 
 
 @main.command("upscale")

@@ -28,6 +28,8 @@ from sdrt.serve_config import check_options, server_config
               help="Textual inversion embeddings prompts may name (used when the folder exists, as the webui's).")
 @click.option("--lora-dir", default="models/Lora", show_default=True, type=click.Path(file_okay=False),
               help="LoRA / LyCORIS files <lora:name:...> tags may name.")
+@click.option("--hypernetwork-dir", default="models/hypernetworks", show_default=True,
+              type=click.Path(file_okay=False), help="Hypernetwork files (.pt) <hypernet:name:...> tags may name.")
 @click.option("--vae-dir", default="models/VAE", show_default=True, type=click.Path(file_okay=False),
               help="VAE files the sd_vae option may select (and its Automatic rule searches).")
 @click.option("--queue-size", default=16, show_default=True, type=int, help="Jobs that may wait; more get 503.")

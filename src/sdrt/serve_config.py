@@ -75,6 +75,7 @@ def server_config(options: dict):
     from sdrt.models import resolve_model
     from sdrt.runtime.bundle import open_bundle
     from sdrt.runtime.networks.apply import Library
+    from sdrt.runtime.networks.hypernet import HypernetLibrary
     from sdrt.runtime.networks.vae import choose_vae, vae_files
     from sdrt.runtime.pipeline import Img2imgPipeline, Pipeline
     from sdrt.runtime.serve import ServeConfig
@@ -82,6 +83,7 @@ def server_config(options: dict):
     device, precision = options["device"], options["precision"]
     embeddings = options.get("embeddings_dir")
     lora_dir = Path(options.get("lora_dir") or "models/Lora")
+    hypernetwork_dir = Path(options.get("hypernetwork_dir") or "models/hypernetworks")
     vae_dirs = [Path(options.get("vae_dir") or "models/VAE")]
 
     def vaes() -> list[str]:
@@ -97,12 +99,17 @@ def server_config(options: dict):
         # Automatic: the webui's rule, beside a checkpoint file or by the model's name in --vae-dir
         vae_file = choose_vae(vae, entry.filename, entry.model_name, vae_dirs)
         return kind(bundle, device=device, precision=precision, embeddings_dir=folder, lora_dir=lora_dir,
-                    vae=vae_file)
+                    hypernetwork_dir=hypernetwork_dir, vae=vae_file)
 
     def loras() -> list[dict]:
         return [{"name": e.name, "alias": e.alias, "path": e.path.relative_to(lora_dir).as_posix(),
                  "metadata": e.metadata}
                 for name, e in sorted(Library(lora_dir).scan().items()) if name == e.name]
+
+    def hypernetworks() -> list[dict]:
+        # the webui's {name, path}; the path relative to the folder, as /loras gives it
+        return [{"name": name, "path": path.relative_to(hypernetwork_dir).as_posix()}
+                for name, path in HypernetLibrary(hypernetwork_dir).scan().items()]
 
     folder = Path(options["ckpt_dir"])
     flags = {"api": True, "nowebui": True, **{k: v for k, v in options.items() if k != "model"},
@@ -114,4 +121,4 @@ def server_config(options: dict):
         max_batch=options["max_batch"], max_pixels=options["max_pixels"], max_body_bytes=options["max_body"],
         api_auth=parse_auth(options["api_auth"]),
         cors_allow_origins=tuple(o.strip() for o in (options["cors_allow_origins"] or "").split(",") if o.strip()),
-        cmd_flags=flags, list_loras=loras, list_vaes=vaes)
+        cmd_flags=flags, list_loras=loras, list_vaes=vaes, list_hypernetworks=hypernetworks)
