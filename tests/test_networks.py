@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -926,3 +927,128 @@ def test_sdxl_lora_matches_the_merged_export(tmp_path, caplog):
     assert psnr(np.asarray(expected.image), np.asarray(got.image), 255.0) >= 60
     assert psnr(np.asarray(plain.image), np.asarray(got.image), 255.0) < 40  # the network changed the image
     assert 'Lora hashes: "xl: ' in got.infotext
+
+
+# -- TensorRT: refitting sdrt's engines, keying the TensorRT EP's cache --
+
+class _RecordingRefitter:
+    """TensorRT's ``Refitter`` as far as ``refit_engine`` uses it, recording what it is given.
+
+    A stand-in because TensorRT cannot be installed here (no NVIDIA GPU): the engine it refits is
+    a dict of the portable graph's float initializers by name, the names TensorRT's ONNX parser
+    gives an engine's weights. Like TensorRT, it refuses unknown names and wrong sizes, and reports
+    a weight it combined with a set one (``combined``: pairs) as missing until that one is set."""
+
+    def __init__(self, engine, logger):
+        self.engine, self.given = engine, {}
+
+    def get_all_weights(self):
+        return sorted(self.engine.refittable_weights)
+
+    def get_weights_prototype(self, name):
+        return type("Weights", (), {"dtype": np.float32, "size": self.engine.values[name].size})()
+
+    def set_named_weights(self, name, array):
+        if name not in self.engine.refittable_weights or array.size != self.engine.values[name].size:
+            return False
+        self.given[name] = np.array(array)
+        return True
+
+    def get_missing_weights(self):
+        return [b for a, b in self.engine.combined if a in self.given and b not in self.given]
+
+    def refit_cuda_engine(self):
+        if self.get_missing_weights():
+            return False
+        for name, value in self.given.items():
+            self.engine.values[name] = value.reshape(self.engine.values[name].shape)
+        self.engine.refits.append(sorted(self.given))
+        return True
+
+
+class _RecordingTensorRT:
+    """The ``tensorrt`` module's names that ``refit_engine`` calls."""
+
+    Refitter = _RecordingRefitter
+
+    @staticmethod
+    def nptype(dtype):
+        return dtype
+
+
+class _Engine:
+    def __init__(self, graph, combined=()):
+        weights = GraphWeights(graph)
+        self.values = {n: np.array(weights.read(n)) for n, t in weights.index.items() if t.is_float and t.size > 1}
+        self.refittable_weights = set(self.values)
+        self.refittable, self.combined, self.refits = True, list(combined), []
+
+
+def test_tensorrt_refit_sets_the_merged_weights_by_onnx_name(pipe, tiny_modules, tmp_path):
+    """The refit of an engine built from the portable graph sets, by ONNX initializer name, exactly
+    the values the ONNX Runtime session of that graph is made with (a real LoRA file on the tiny
+    bundle); the graph written with the refitted weights gives that session's output bit for bit;
+    weights TensorRT combined with them get the graph's own; a switch to no set restores all."""
+    from onnx import numpy_helper
+
+    from sdrt.runtime.backends.onnxruntime import Session
+    from sdrt.runtime.backends.tensorrt import refit_engine, refit_weights
+
+    u, _, t = tiny_modules
+    write_network(_lora_dir(pipe) / "refit.safetensors", make_lora(u, t, torch.Generator().manual_seed(21)))
+    graph = pipe.bundle.component("unet")  # what sdrt build builds the engines from
+    session = Session(graph)
+    pipe.networks.activate(f"{PROMPT} <lora:refit:0.8>", {"unet": session})
+    overrides = session._overrides
+    assert overrides is not None and len(overrides.arrays) >= 10
+    partner = next(n for n in sorted(GraphWeights(graph).index) if n.endswith(".bias") and n not in overrides.arrays)
+    engine = _Engine(graph, combined=[(sorted(overrides.arrays)[0], partner)])
+    own = {n: v.copy() for n, v in engine.values.items()}
+    named = refit_weights(graph, overrides.arrays, ())
+    assert refit_engine(_RecordingTensorRT, engine, None, named, graph) == sorted(overrides.arrays) + [partner]
+    for name, value in overrides.arrays.items():
+        assert engine.values[name].dtype == np.float32 and engine.values[name].tobytes() == value.tobytes(), name
+    assert np.array_equal(engine.values[partner], own[partner])
+    changed = {n for n in engine.values if not np.array_equal(engine.values[n], own[n])}
+    assert changed == set(overrides.arrays)
+    model = onnx.load(str(graph))
+    for init in model.graph.initializer:
+        if init.name in changed:
+            init.CopyFrom(numpy_helper.from_array(engine.values[init.name], init.name))
+    written = tmp_path / "refitted.onnx"
+    onnx.save(model, str(written), save_as_external_data=True, location="refitted.onnx_data")
+    g = np.random.default_rng(1)
+    feeds = {"sample": g.standard_normal((2, 4, 8, 8), np.float32), "timestep": np.array([300.0, 300.0], np.float32),
+             "encoder_hidden_states": g.standard_normal((2, 77, 32), np.float32)}
+    assert np.array_equal(Session(written).run(feeds)["out_sample"], session.run(feeds)["out_sample"])
+    # Back to the graph's own weights: everything the set changed is set again from the graph
+    named = refit_weights(graph, None, sorted(overrides.arrays))
+    refit_engine(_RecordingTensorRT, engine, None, named, graph)
+    assert all(np.array_equal(engine.values[n], own[n]) for n in own)
+    # A weight TensorRT folded into a constant, an engine built without the refit flag: one line each
+    engine.refittable_weights.discard(sorted(overrides.arrays)[1])
+    with pytest.raises(SdrtError, match=r"has no refittable weight named .*folded it into a constant"):
+        refit_engine(_RecordingTensorRT, engine, None, dict(overrides.arrays), graph)
+    engine.refittable = False
+    with pytest.raises(SdrtError, match=r"built without the refit flag .*sdrt build --force"):
+        refit_engine(_RecordingTensorRT, engine, None, dict(overrides.arrays), graph)
+    pipe.networks.activate(PROMPT, {"unet": session})
+
+
+def test_tensorrt_ep_engine_cache_is_keyed_by_the_weights(pipe, tiny_modules, tmp_path):
+    """The TensorRT EP caches engines by the graph's structure, not its weights: a session made
+    with merged weights gets an engine cache folder named by their digest (same values, same
+    folder; the graph's own weights, the component's folder)."""
+    from sdrt.runtime.backends.onnxruntime import ep_options_for
+    from sdrt.runtime.networks.apply import Overrides
+
+    graph = pipe.bundle.component("unet")
+    index = GraphWeights(graph).index
+    name = next(n for n, t in index.items() if t.external and t.is_float)
+    base = {"trt_engine_cache_path": str(tmp_path / "ort-unet-0123"), "trt_fp16_enable": True}
+    value = np.asarray(GraphWeights(graph).read(name), np.float32)
+    a, b, a2 = (Overrides({name: v}, index) for v in (value + 1, value + 2, value + 1))
+    folders = [ep_options_for(base, o)["trt_engine_cache_path"] for o in (a, b, a2)]
+    assert folders[0] == folders[2] != folders[1] and all(Path(f).parent == Path(base["trt_engine_cache_path"])
+                                                          for f in folders)
+    assert ep_options_for(base, None) is base and ep_options_for(base, a)["trt_fp16_enable"] is True

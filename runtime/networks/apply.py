@@ -21,6 +21,7 @@ the sessions again.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import weakref
@@ -227,12 +228,26 @@ class Overrides:
 
     def __init__(self, arrays: dict[str, np.ndarray], index: dict):
         self.arrays = arrays
+        self._digest: str | None = None
         self.external = frozenset(k for k in arrays if index[k].external)
         self.inline = {k: index[k].span for k in arrays if k not in self.external}
         unpatchable = [k for k in self.inline if index[k].field not in (4, 9) or index[k].span is None]
         if unpatchable:
             raise SdrtError(f"cannot replace the initializers {', '.join(unpatchable[:_SHOWN])} of the graph "
                             f"in place (values in int32_data); re-export the bundle")
+
+    @property
+    def digest(self) -> str:
+        """A digest of the values (names, types, shapes, bytes): what keys the TensorRT EP's engines
+        built with them."""
+        if self._digest is None:
+            h = hashlib.blake2b(digest_size=16)
+            for name in sorted(self.arrays):
+                a = np.ascontiguousarray(self.arrays[name])
+                h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+                h.update(memoryview(a).cast("B"))
+            self._digest = h.hexdigest()
+        return self._digest
 
     def add_to(self, options, path: Path) -> list:
         """Put the external values into ``options`` (an ``onnxruntime.SessionOptions``) for the graph
@@ -263,11 +278,10 @@ class Overrides:
 
 
 def check_session(session, component: str, what: str) -> None:
-    """Merged weights go into ONNX Runtime sessions on the CPU and CUDA; TensorRT engines (sdrt's,
-    and the TensorRT EP's cached ones, keyed without the weights) would need a refit."""
-    if not hasattr(session, "set_overrides") or getattr(session, "kind", "cpu") == "tensorrt":
-        raise SdrtError(f"{what} are not supported on TensorRT yet (the {component} engine would need a refit); "
-                        f"use --device cpu or cuda")
+    """Merged weights go into ONNX Runtime sessions (CPU, CUDA, and the TensorRT EP, whose engine
+    cache is then keyed by the values) and refit sdrt's TensorRT engines; other backends refuse."""
+    if not hasattr(session, "set_overrides"):
+        raise SdrtError(f"{what} are not supported by the {component} backend {type(session).__name__}")
 
 
 def _stat_key(path: Path) -> tuple:
