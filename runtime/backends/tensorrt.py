@@ -193,7 +193,8 @@ def refit_engine(trt, engine, logger, named: dict[str, np.ndarray], graph: Path)
             put(name, np.asarray(weights.read(name)))
     still = refitter.get_missing_weights()
     if still:
-        raise SdrtError(f"TensorRT still misses {len(still)} weights (such as {still[0]}) to refit the engine of {graph}")
+        raise SdrtError(f"TensorRT still misses {len(still)} weights (such as {still[0]}) to refit the engine of "
+                        f"{graph}")
     if not refitter.refit_cuda_engine():
         raise SdrtError(f"TensorRT failed to refit the engine of {graph} (run with -v for its log)")
     return sorted(named) + sorted(missing)

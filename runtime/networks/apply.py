@@ -494,9 +494,11 @@ def requantized(prov: provenance.Provenance, gprov: provenance.GraphProvenance, 
             raise SdrtError(unrecorded_quantization(weights.path))
         return {}
     floats = float_graphs(prov, gprov, weights.path)
-    out = {}
+    out, held = {}, set(gprov.by_source())
     for name, r in gprov.quantization.items():
         fg, fw = floats[r.graph]
+        held.update(k for n in (r.initializer, r.bias[1] if r.bias else None) if n in fg.initializers
+                    for k in fg.initializers[n].keys)
         bias = r.bias[1] if r.bias else None
         touched = [n for n in (r.initializer, bias) if n in fg.initializers
                    and any(k in values for k in fg.initializers[n].keys)]
@@ -518,6 +520,12 @@ def requantized(prov: provenance.Provenance, gprov: provenance.GraphProvenance, 
             b = new.get(bias)
             b = np.asarray(fw.read(bias), np.float32) if b is None else b
             out[quantized_bias] = quantized.quantize_bias(b, weights.read(input_scale), scale)
+    # A weight the float graphs hold that this graph holds neither in float nor by a record
+    quantized_away = {k for g, _ in floats.values() for k in g.by_source()} - held
+    lost = sorted(k for k in values if k in quantized_away)
+    if lost:
+        log.warning("%s: %d changed weights are quantized without a record in this graph and keep their values: %s",
+                    weights.path, len(lost), ", ".join(lost[:_SHOWN]))
     return out
 
 
@@ -539,15 +547,6 @@ def build_overrides(prov: provenance.Provenance, gprov: provenance.GraphProvenan
             arrays[name] = value
     if gprov.quantized:
         arrays.update(requantized(prov, gprov, weights, values, skipped))
-        held = set(gprov.by_source())
-        for fg, _ in float_graphs(prov, gprov, weights.path).values():
-            for r in gprov.quantization.values():
-                for n in (r.initializer, r.bias[1] if r.bias else None):
-                    held.update(fg.initializers[n].keys if n in fg.initializers else ())
-        lost = sorted(k for k in values if k not in held)
-        if lost:
-            log.warning("%s: %d changed weights are in no initializer of this int8 graph (quantized without a "
-                        "record): %s", weights.path, len(lost), ", ".join(lost[:_SHOWN]))
     if skipped:
         log.warning("%s: %d graph weights hold several model weights the networks change differently; left "
                     "as they are: %s", weights.path, len(skipped), ", ".join(skipped[:_SHOWN]))
