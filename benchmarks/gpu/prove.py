@@ -26,7 +26,7 @@ STAGES = {  # in run order; export early, since the later stages need its bundle
     "env": (60, True),
     "export": (240, False),
     "noise": (60, False),
-    "tensorrt": (40, True),
+    "tensorrt": (90, True),  # with a tiny engine build and its LoRA refit where TensorRT runs
     "kernels": (120, True),
     "fidelity": (150, True),
     "speed-sdrt": (150, True),
