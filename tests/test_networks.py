@@ -816,7 +816,7 @@ def test_int8_overrides_reach_the_prepacked_weights(precision_bundle, tiny_modul
     networks = Networks(bundle, d)
     networks.activate(f"{PROMPT} <lora:x:1>", {"unet": session})
     merged = session.run(feeds)["out_sample"]
-    overrides = networks._cache[str(path)][next(iter(networks._cache[str(path)]))]
+    overrides = session._overrides  # what the session was made with
     gprov = provenance.load(precision_bundle / "unet").graph(path)
     assert any(n in overrides.arrays for n in gprov.quantization)  # int8 weights among the overrides
     model = onnx.load(str(path))
