@@ -11,6 +11,8 @@ Two kohya LoRA files (rank ``--rank`` on every attention projection, feed-forwar
 - ``same_set``: the set in place again (nothing to do).
 
     python -m benchmarks.bench_networks --threads 2
+
+Records go to ``results/lora_switch_cpu.jsonl`` (``--note`` says what else ran on the machine).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def _lora(unet, rank: int, seed: int) -> dict:
@@ -81,11 +85,16 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="where to export the UNet (default: a temp dir)")
     ap.add_argument("--tiny", action="store_true", help="the scaled-down test UNet instead (checks the script)")
+    ap.add_argument("--results", default=None,
+                    help=f"append the record here (default: {RESULTS / 'lora_switch_cpu.jsonl'}; none with --tiny)")
+    ap.add_argument("--note", default="", help="conditions of the run (other load on the machine)")
     args = ap.parse_args(argv)
 
     import torch
     from safetensors.torch import save_file
 
+    from sdrt.benchmarks.machine import machine, versions
+    from sdrt.benchmarks.records import RecordWriter, utc_now
     from sdrt.benchmarks.timing import time_fn
     from sdrt.runtime.backends import Session
     from sdrt.runtime.networks.apply import Networks
@@ -129,10 +138,18 @@ def main(argv=None) -> int:
     results["switch_cached"] = time_fn(switch_cached, warmup=0, repeats=args.repeats)
     results["same_set"] = time_fn(lambda: networks.activate(f"x <lora:{last[0]}:0.8>", {"unet": session}),
                                   warmup=0, repeats=args.repeats)
-    record = {"measurement": "lora_switch", "graph": f"{what}, model.cpu.onnx, fp32", "rank": args.rank,
-              "threads": args.threads,
-              **{k: {"median_s": round(v["median_s"], 3)} for k, v in results.items()}}
-    print(json.dumps(record, indent=1))
+    load = results["load"]["median_s"]
+    record = {"measurement": "lora_switch", "date": utc_now(), "machine": machine(), "versions": versions(),
+              "conditions": args.note, "graph": f"{what}, model.cpu.onnx, fp32", "rank": args.rank,
+              "threads": args.threads, "repeats": args.repeats,
+              **{k: {"median_s": round(v["median_s"], 3)} for k, v in results.items()},
+              # the peer: a fresh session of the same graph, measured in the same run
+              "ratio_to_load": {k: round(v["median_s"] / load, 3) for k, v in results.items() if k != "load"}}
+    print(json.dumps({k: v for k, v in record.items() if k not in ("machine", "versions")}, indent=1))
+    results_path = args.results or (None if args.tiny else RESULTS / "lora_switch_cpu.jsonl")
+    if results_path:
+        RecordWriter(results_path).write(record)
+        print(f"record appended to {results_path}")
     return 0
 
 

@@ -9,6 +9,14 @@ tried as a concat of equal parts along each axis (fused projections). A match is
 element for element (a float16 one up to the fp16 conversion's clamping of tiny values). No name is compared: what the exporter and the graph passes call a weight
 (``onnx::MatMul_1234``, ``sdrt_gn_gamma_7``) does not matter.
 
+The int8 graphs' quantized weights (``W_quantized`` with ``W_scale`` and ``W_zero_point``, as
+ONNX Runtime's quantizer names them; a convolution's int32 ``B_quantized``) hold no source as
+they are: each is recorded with the float initializer of the component's float graph it was
+quantized from and the quantization (per tensor or per channel along an axis, symmetric or
+not, the scale's range), found by name and accepted only when quantizing that float value again
+(:mod:`sdrt.runtime.networks.quantized`) gives the int8 values, the scale and the zero point
+bit for bit; a LoRA then re-quantizes the merged weight the same way.
+
 Sources whose elements are all equal (a zero bias, a unit scale) are not indexed: the graph's
 own constants would match them by accident. The result (:mod:`sdrt.runtime.networks.provenance`
 documents the format) goes into ``<component>/provenance.json``; ``unmatched`` lists the float
@@ -23,7 +31,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from sdrt.runtime.networks import onnx_weights
+from sdrt.runtime.networks import onnx_weights, quantized
 from sdrt.runtime.networks.provenance import FILENAME, FORMAT, VERSION
 
 log = logging.getLogger(__name__)
@@ -137,9 +145,93 @@ def graph_provenance(path: Path, index: _Index) -> dict:
     return {"quantized": quantized, "initializers": entries, "unmatched": sorted(unmatched)}
 
 
+QUANTIZED_SUFFIX = "_quantized"  # ONNX Runtime's quantizer: W -> W_quantized, W_scale, W_zero_point
+TRANSPOSED_SUFFIX = "_Transposed"  # its transposed copy of a Gemm's weight (transB)
+
+
+def _schemes(q: np.ndarray, scale_size: int, shape: tuple[int, ...]):
+    """The quantizations that could have made ``q`` (int8 / uint8) with a scale of ``scale_size``."""
+    dtype = np.dtype(q.dtype).name
+    info = np.iinfo(q.dtype)
+    axes = [None] if scale_size == 1 else [a for a in range(len(shape)) if shape[a] == scale_size]
+    for axis in axes:
+        for symmetric in (True, False):
+            low, high = (-127, 127) if symmetric and dtype == "int8" else (int(info.min), int(info.max))
+            yield quantized.Scheme(dtype, low, high, symmetric, axis)
+
+
+def quantization_records(path: Path, floats: dict[str, onnx_weights.GraphWeights]) -> tuple[dict, list[str]]:
+    """({quantized initializer: its record}, quantized initializers no float weight reproduces) of
+    the graph at ``path``; ``floats``: the component's float graphs by file name."""
+    import onnx
+
+    weights = onnx_weights.GraphWeights(path)
+    biases = {}  # W_quantized -> (B_quantized, input scale) of the QLinearConvs that read it
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type == "QLinearConv" and len(node.input) > 8 and node.input[8]:
+            biases[node.input[3]] = (node.input[8], node.input[1])
+    records, unproven = {}, []
+    for name, t in weights.index.items():
+        if t.data_type not in (2, 3) or t.size < 2 or not name.endswith(QUANTIZED_SUFFIX):
+            continue
+        base = name[:-len(QUANTIZED_SUFFIX)]
+        scale, zero = base + "_scale", base + "_zero_point"
+        if scale not in weights.index or zero not in weights.index:
+            unproven.append(name)
+            continue
+        q, s, z = weights.read(name), np.asarray(weights.read(scale), np.float32), weights.read(zero)
+        candidates = [(base, False)] + ([(base[:-len(TRANSPOSED_SUFFIX)], True)]
+                                        if base.endswith(TRANSPOSED_SUFFIX) else [])
+        record = None
+        for graph, fw in floats.items():
+            for initializer, transpose in candidates:
+                ft = fw.index.get(initializer)
+                if ft is None or ft.data_type != 1 or ft.size != q.size:
+                    continue
+                value = np.asarray(fw.read(initializer), np.float32)
+                value = value.T if transpose else value
+                if value.shape != q.shape:
+                    continue
+                for scheme in _schemes(q, s.size, q.shape):
+                    q2, s2, z2 = quantized.quantize(value, scheme)
+                    if (np.array_equal(q2, q) and s2.tobytes() == s.reshape(s2.shape).tobytes()
+                            and np.array_equal(z2.reshape(-1), z.reshape(-1))):
+                        record = {"graph": graph, "initializer": initializer, "transpose": transpose,
+                                  "scale": scale, "zero_point": zero, "dtype": scheme.dtype,
+                                  "range": [scheme.qmin, scheme.qmax], "symmetric": scheme.symmetric,
+                                  "axis": scheme.axis, "rounding": "half to even"}
+                        break
+                if record:
+                    break
+            if record:
+                break
+        if record and name in biases:
+            bias_q, input_scale = biases[name]
+            bias = bias_q[:-len(QUANTIZED_SUFFIX)] if bias_q.endswith(QUANTIZED_SUFFIX) else None
+            fw = floats[record["graph"]]
+            if (bias is None or bias not in fw.index or input_scale not in weights.index
+                    or not np.array_equal(quantized.quantize_bias(fw.read(bias), weights.read(input_scale), s),
+                                          weights.read(bias_q))):
+                record = None
+            else:
+                record["bias"] = {"quantized": bias_q, "initializer": bias, "input_scale": input_scale}
+        if record:
+            records[name] = record
+        else:
+            unproven.append(name)
+    return records, sorted(unproven)
+
+
 def component_provenance(component_dir: Path, sources: dict[str, np.ndarray], ldm: dict[str, str]) -> dict:
     index = _Index(sources)
-    graphs = {p.name: graph_provenance(p, index) for p in sorted(Path(component_dir).glob("*.onnx"))}
+    paths = sorted(Path(component_dir).glob("*.onnx"))
+    graphs = {p.name: graph_provenance(p, index) for p in paths}
+    floats = {p.name: onnx_weights.GraphWeights(p) for p in paths if not graphs[p.name]["quantized"]}
+    for p in paths:
+        if graphs[p.name]["quantized"]:
+            records, unproven = quantization_records(p, floats)
+            graphs[p.name]["quantization"] = records
+            graphs[p.name]["unrecorded"] = unproven
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -182,9 +274,10 @@ def write_provenance(bundle_dir: Path, modules: dict, configs: dict) -> None:
             sources = {k: v for k, v in sources.items() if k.startswith((prefix, *keep))}
         d = component_provenance(folder, sources, ldm)
         for g, entry in d["graphs"].items():
-            log.info("%s/%s: %d initializers from %d source weights, %d graph constants", name, g,
-                     len(entry["initializers"]), len({p[0] for e in entry["initializers"].values() for p in e["from"]}),
-                     len(entry["unmatched"]))
+            log.info("%s/%s: %d initializers from %d source weights, %d graph constants, %d quantized weights "
+                     "recorded (%d not)", name, g, len(entry["initializers"]),
+                     len({p[0] for e in entry["initializers"].values() for p in e["from"]}),
+                     len(entry["unmatched"]), len(entry.get("quantization", {})), len(entry.get("unrecorded", [])))
         tmp = folder / f".{FILENAME}.partial"
         tmp.write_text(json.dumps(d, indent=1, sort_keys=True) + "\n")
         tmp.replace(folder / FILENAME)

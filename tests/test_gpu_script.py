@@ -52,6 +52,10 @@ def test_env_and_tensorrt_records(records):
     assert set(routes) == {"trt", "tensorrt"}
     for r in routes.values():  # refused cleanly: one line, an SdrtError
         assert r["status"] == "refused" and r["one_line"], r
+    (plan,) = _of(recs, "tensorrt", "refit_plan")  # the LoRA's merged weights, by the graph's names
+    assert plan["weights"] == 3 and plan["all_in_graph"], plan  # three layers, one weight each
+    (refit,) = _of(recs, "tensorrt", "refit")
+    assert refit["status"] == "skipped: no CUDA GPU"
 
 
 def test_noise_records_and_fixtures(records):

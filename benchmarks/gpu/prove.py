@@ -26,7 +26,7 @@ STAGES = {  # in run order; export early, since the later stages need its bundle
     "env": (60, True),
     "export": (240, False),
     "noise": (60, False),
-    "tensorrt": (40, True),
+    "tensorrt": (90, True),  # with a tiny engine build and its LoRA refit where TensorRT runs
     "kernels": (120, True),
     "fidelity": (150, True),
     "speed-sdrt": (150, True),
@@ -134,6 +134,72 @@ def stage_tensorrt(args, rec):
             rec("route", device=device, status="refused", error=str(e), one_line="\n" not in str(e))
         except Exception as e:  # noqa: BLE001 - not clean: recorded as such
             rec("route", device=device, status="unclean", error=f"{type(e).__name__}: {e}")
+    _refit_check(args, rec, bundle)
+
+
+def _refit_check(args, rec, bundle):
+    """A LoRA refitted into sdrt's UNet engine gives the ONNX Runtime CPU session's output with the
+    same LoRA (fp32 engine: to float tolerance), and back to no LoRA the engine's own output. The
+    refit plan (named weights from the portable graph's merge) is computed wherever this runs."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from sdrt.runtime.backends import Session, gpu
+    from sdrt.runtime.backends.factory import open_component
+    from sdrt.runtime.backends.profiles import build_shapes
+    from sdrt.runtime.backends.tensorrt import build_engines
+    from sdrt.runtime.errors import SdrtError
+    from sdrt.runtime.networks.apply import Networks
+    from sdrt.runtime.networks.onnx_weights import GraphWeights
+
+    loras = Path(args.work) / "Lora"
+    loras.mkdir(exist_ok=True)
+    weights = GraphWeights(bundle.component("unet"))
+    g = np.random.default_rng(3)
+    tensors = {}
+    for key in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                "mid_block.attentions.0.transformer_blocks.0.ff.net.2", "up_blocks.1.attentions.0.proj_in"):
+        layer = "lora_unet_" + key.replace(".", "_")
+        shape = Networks(bundle, loras).provenance("unet").shape(key + ".weight")
+        tensors[f"{layer}.lora_down.weight"] = (g.standard_normal((4, *shape[1:])) * 0.3).astype(np.float32)
+        tensors[f"{layer}.lora_up.weight"] = (g.standard_normal((shape[0], 4, *shape[2:])) * 0.3).astype(np.float32)
+        tensors[f"{layer}.alpha"] = np.array(2.0, np.float32)
+    save_file(tensors, str(loras / "probe.safetensors"))
+    prompt = "x <lora:probe:1>"
+    cpu = Session(bundle.component("unet"))
+    Networks(bundle, loras).activate(prompt, {"unet": cpu})
+    plan = cpu._overrides.arrays
+    rec("refit_plan", weights=len(plan), names=sorted(plan)[:4],
+        all_in_graph=all(n in weights.index for n in plan))
+    if not cuda_available():
+        rec("refit", status="skipped: no CUDA GPU")
+        return
+    try:
+        gpu.tensorrt_version()
+        build_engines(bundle, build_shapes(width=(64,) * 3, height=(64,) * 3), precision="fp32",
+                      components=("unet",))
+        engine = open_component(bundle, "unet", "trt:0")
+    except SdrtError as e:
+        rec("refit", status=f"skipped: {e}")
+        return
+    rng = np.random.default_rng(0)
+    dim = cpu.inputs["encoder_hidden_states"].shape[-1]
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), np.float32),
+             "timestep": np.array([500.0, 500.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, dim), np.float32)}
+    own = engine.run(feeds)["out_sample"]
+    networks = Networks(bundle, loras)
+    t0 = time.perf_counter()
+    networks.activate(prompt, {"unet": engine})
+    refit_s = time.perf_counter() - t0
+    refitted = engine.run(feeds)["out_sample"]
+    reference = cpu.run(feeds)["out_sample"]
+    networks.activate("x", {"unet": engine})
+    back = engine.run(feeds)["out_sample"]
+    rec("refit", status="ran", refit_s=round(refit_s, 3), weights=len(plan),
+        max_abs_vs_cpu_lora=float(np.abs(refitted - reference).max()),
+        max_abs_lora_effect=float(np.abs(refitted - own).max()),
+        restored_max_abs=float(np.abs(back - own).max()))
 
 
 def _tiny_bundle(args) -> Path:

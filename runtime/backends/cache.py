@@ -29,7 +29,7 @@ from sdrt.runtime.errors import SdrtError
 
 log = logging.getLogger(__name__)
 
-ENGINE_FORMAT = 1
+ENGINE_FORMAT = 2  # 2: engines built refittable (LoRA / VAE files refit their weights)
 MAGIC = b"SDRTPLAN"
 _HEADER = struct.Struct("<8sI")  # magic, header length; then the header JSON, then the plan bytes
 _MAX_HEADER = 1 << 20

@@ -74,6 +74,18 @@ def session_options(threads: int = 0, kind: str = "cpu") -> ort.SessionOptions:
     return opts
 
 
+def ep_options_for(options: dict, overrides) -> dict:
+    """The TensorRT EP's options for a session made with ``overrides`` (merged LoRA / VAE weights):
+    its engine cache in a subfolder named by the values' digest. The EP keys its cached engines
+    by the graph's structure and names, not by the weights' values, so an engine built with one
+    set of weights would be loaded for another; each set of values builds its own engine once."""
+    if overrides is None:
+        return options
+    folder = Path(options["trt_engine_cache_path"]) / f"weights-{overrides.digest[:16]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return {**options, "trt_engine_cache_path": str(folder)}
+
+
 class Session(Backend):
     """One graph in ONNX Runtime: feeds inputs in the dtypes the graph declares, returns outputs by name.
 
@@ -97,7 +109,7 @@ class Session(Backend):
         providers_for(device)  # the provider exists, before anything is loaded
         self.threads = threads or int(os.environ.get("SDRT_THREADS", "0"))
         self.cuda_graph = cuda_graph
-        self._provider_options = provider_options
+        self._provider_options = self._base_provider_options = provider_options
         self._lock = lock
         self._io = io
         self._overrides = None  # initializer values the session is made with (runtime/networks)
@@ -166,6 +178,8 @@ class Session(Backend):
         loaded = self.loaded
         self.release()
         self._overrides = overrides
+        if self.kind == "tensorrt":
+            self._provider_options = ep_options_for(self._base_provider_options, overrides)
         if loaded:
             self.load()
 

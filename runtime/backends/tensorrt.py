@@ -1,6 +1,10 @@
 """sdrt's TensorRT engines: the builder, the runner, and the backend that runs a component's engines.
 
-The profiles come from profiles.py and the plans live in the keyed cache of cache.py. The builder
+The profiles come from profiles.py and the plans live in the keyed cache of cache.py. Engines are
+built refittable (``BuilderFlag.REFIT``): LoRA / LyCORIS and VAE files change their weights by
+TensorRT's Refitter (:func:`refit_engine`), by the ONNX initializer names that TensorRT's ONNX
+parser gives the engine's weights, from the merged values ``runtime/networks`` computes for the
+portable graph the engines are built from. The builder
 and runner import ``tensorrt`` (and ``cupy`` for device buffers and CUDA graphs) only when used;
 neither ran on a GPU where this was written (docs/NVIDIA.md).
 """
@@ -104,6 +108,7 @@ class TensorRTBuilder:
             errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
             raise SdrtError(f"TensorRT cannot parse {onnx_path}: {errors}".splitlines()[0])
         config = builder.create_builder_config()
+        config.set_flag(trt.BuilderFlag.REFIT)  # LoRA and VAE files refit the weights (refit_engine)
         if precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
         config.builder_optimization_level = self.optimization_level
@@ -128,6 +133,73 @@ class TensorRTBuilder:
             return b""
 
 
+def refit_weights(graph: Path, arrays: dict[str, np.ndarray] | None, previous) -> dict[str, np.ndarray]:
+    """The named weights one refit sets: ``arrays`` (a set's merged initializers of ``graph``, by
+    ONNX name; None: the graph's own), and the graph's own value of every name ``previous`` (the
+    names the engine was last refitted with) that ``arrays`` leaves out, so a switch to another set
+    or to none restores what the set before changed."""
+    from sdrt.runtime.networks.onnx_weights import GraphWeights
+
+    named = dict(arrays or {})
+    restore = sorted(set(previous) - set(named))
+    if restore:
+        weights = GraphWeights(graph)
+        named.update({n: np.asarray(weights.read(n)) for n in restore})
+    return named
+
+
+def refit_engine(trt, engine, logger, named: dict[str, np.ndarray], graph: Path) -> list[str]:
+    """Refit ``engine`` with ``named`` weights through ``trt.Refitter``; returns the names set.
+
+    Each value is cast to the type of the engine's weights prototype (``get_weights_prototype``:
+    the type the ONNX parser gave them, float32 for sdrt's portable graphs, whatever the engine's
+    precision) and must have its element count. Weights TensorRT combined with a set one (the
+    refitter's ``get_missing_weights``) get their value from ``named`` or else the graph. One-line
+    errors for an engine built without the refit flag, a weight TensorRT folded away, a refused
+    weight, and a failed refit."""
+    from sdrt.runtime.networks.onnx_weights import GraphWeights
+
+    if not getattr(engine, "refittable", True):
+        raise SdrtError("the TensorRT engine was built without the refit flag (by an older sdrt): "
+                        "run `sdrt build --force` to rebuild it")
+    refitter = trt.Refitter(engine, logger)
+    refittable = set(refitter.get_all_weights())
+    folded = sorted(n for n in named if n not in refittable)
+    if folded:
+        raise SdrtError(f"the TensorRT engine of {graph} has no refittable weight named {folded[0]} (TensorRT folded "
+                        f"it into a constant; {len(folded)} such): networks cannot change it on this engine")
+    held = []  # TensorRT reads the arrays when it refits: they live until then
+
+    def put(name: str, value: np.ndarray) -> None:
+        proto = refitter.get_weights_prototype(name) if hasattr(refitter, "get_weights_prototype") else None
+        dtype = np.dtype(trt.nptype(proto.dtype)) if proto is not None else np.asarray(value).dtype
+        array = np.ascontiguousarray(value, dtype=dtype).reshape(-1)
+        if proto is not None and proto.size != array.size:
+            raise SdrtError(f"TensorRT's weight {name} has {proto.size} elements, the merged value {array.size}")
+        held.append(array)
+        if not refitter.set_named_weights(name, array):
+            raise SdrtError(f"TensorRT refused the new value of weight {name} (type or size) while refitting the "
+                            f"engine of {graph}")
+
+    for name, value in named.items():
+        put(name, value)
+    missing = [n for n in refitter.get_missing_weights() if n not in named]
+    if missing:
+        weights = GraphWeights(graph)
+        for name in missing:
+            if name not in weights.index:
+                raise SdrtError(f"TensorRT needs weight {name} to refit the engine of {graph}, which the graph "
+                                f"does not hold; run `sdrt build --force`")
+            put(name, np.asarray(weights.read(name)))
+    still = refitter.get_missing_weights()
+    if still:
+        raise SdrtError(f"TensorRT still misses {len(still)} weights (such as {still[0]}) to refit the engine of "
+                        f"{graph}")
+    if not refitter.refit_cuda_engine():
+        raise SdrtError(f"TensorRT failed to refit the engine of {graph} (run with -v for its log)")
+    return sorted(named) + sorted(missing)
+
+
 class EngineRunner:
     """One deserialized engine run on numpy feeds: device buffers (CuPy) per shape signature, one
     CUDA stream, and for static engines a CUDA graph of ``execute_async_v3`` replayed each run."""
@@ -149,6 +221,14 @@ class EngineRunner:
         self.cuda_graph = cuda_graph and is_static(shapes)
         self._signature = None
         self._buffers: dict = {}
+        self._graph = None
+        self.refitted: list[str] = []  # the weight names the last refit set
+
+    def refit(self, named: dict[str, np.ndarray], graph: Path) -> None:
+        """Refit this engine's weights (:func:`refit_engine`); a captured CUDA graph is captured again."""
+        trt = import_tensorrt()
+        with self.cp.cuda.Device(self.device_id):
+            self.refitted = refit_engine(trt, self.engine, _trt_logger(trt), named, graph)
         self._graph = None
 
     def _bind(self, feeds: dict[str, np.ndarray]) -> None:
@@ -204,6 +284,7 @@ class EngineComponent(Backend):
         self.spec = bundle_spec(bundle, name)
         self.entries: list[tuple[Path, dict]] | None = None
         self._runners: dict[Path, EngineRunner] = {}
+        self._overrides = None  # merged weights (runtime/networks' Overrides) refitted into each engine
         if not lazy:
             self.load()
 
@@ -228,6 +309,18 @@ class EngineComponent(Backend):
     def release(self) -> None:
         self.entries = None
         self._runners.clear()
+
+    def set_overrides(self, overrides) -> None:
+        """Run with these merged weights from now on (``runtime/networks``' ``Overrides``, whose
+        ``arrays`` are initializers of the portable graph by name), or the graph's own (None):
+        every deserialized engine is refitted now, the others when they are deserialized."""
+        if overrides is self._overrides:
+            return
+        self._overrides = overrides
+        arrays = overrides.arrays if overrides is not None else None
+        for runner in self._runners.values():
+            runner.refit(refit_weights(self.path, arrays, runner.refitted), self.path)
+            runner.refitted = sorted(arrays or ())  # what differs from the graph's own now
 
     @property
     def inputs(self) -> dict[str, Port]:
@@ -256,7 +349,11 @@ class EngineComponent(Backend):
                 plan = read_plan(path, key)
             except EngineFileError as e:
                 raise SdrtError(f"refusing engine {path}: {e}; run `sdrt build` again to rebuild it") from None
-            runner = self._runners[path] = EngineRunner(plan, shapes, self.device_id, self.cuda_graph)
+            runner = EngineRunner(plan, shapes, self.device_id, self.cuda_graph)
+            if self._overrides is not None:  # a fresh engine holds the graph's weights
+                runner.refit(refit_weights(self.path, self._overrides.arrays, ()), self.path)
+                runner.refitted = sorted(self._overrides.arrays)
+            self._runners[path] = runner
         return runner.run(feeds, outputs or self.outputs)
 
 

@@ -21,6 +21,7 @@ the sessions again.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import weakref
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.networks import files, hypernet, lora, provenance
+from sdrt.runtime.networks import files, hypernet, lora, provenance, quantized
 from sdrt.runtime.networks.onnx_weights import GraphWeights
 from sdrt.runtime.text.extra_networks import ExtraNetwork, parse_prompt
 
@@ -227,12 +228,26 @@ class Overrides:
 
     def __init__(self, arrays: dict[str, np.ndarray], index: dict):
         self.arrays = arrays
+        self._digest: str | None = None
         self.external = frozenset(k for k in arrays if index[k].external)
         self.inline = {k: index[k].span for k in arrays if k not in self.external}
         unpatchable = [k for k in self.inline if index[k].field not in (4, 9) or index[k].span is None]
         if unpatchable:
             raise SdrtError(f"cannot replace the initializers {', '.join(unpatchable[:_SHOWN])} of the graph "
                             f"in place (values in int32_data); re-export the bundle")
+
+    @property
+    def digest(self) -> str:
+        """A digest of the values (names, types, shapes, bytes): what keys the TensorRT EP's engines
+        built with them."""
+        if self._digest is None:
+            h = hashlib.blake2b(digest_size=16)
+            for name in sorted(self.arrays):
+                a = np.ascontiguousarray(self.arrays[name])
+                h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+                h.update(memoryview(a).cast("B"))
+            self._digest = h.hexdigest()
+        return self._digest
 
     def add_to(self, options, path: Path) -> list:
         """Put the external values into ``options`` (an ``onnxruntime.SessionOptions``) for the graph
@@ -263,11 +278,10 @@ class Overrides:
 
 
 def check_session(session, component: str, what: str) -> None:
-    """Merged weights go into ONNX Runtime sessions on the CPU and CUDA; TensorRT engines (sdrt's,
-    and the TensorRT EP's cached ones, keyed without the weights) would need a refit."""
-    if not hasattr(session, "set_overrides") or getattr(session, "kind", "cpu") == "tensorrt":
-        raise SdrtError(f"{what} are not supported on TensorRT yet (the {component} engine would need a refit); "
-                        f"use --device cpu or cuda")
+    """Merged weights go into ONNX Runtime sessions (CPU, CUDA, and the TensorRT EP, whose engine
+    cache is then keyed by the values) and refit sdrt's TensorRT engines; other backends refuse."""
+    if not hasattr(session, "set_overrides"):
+        raise SdrtError(f"{what} are not supported by the {component} backend {type(session).__name__}")
 
 
 def _stat_key(path: Path) -> tuple:
@@ -401,20 +415,22 @@ class Networks:
         the source weights it targets, as the webui's ``network_apply_weights`` does."""
         prov = self.provenance(component)
         gprov = prov.graph(graph)
-        by_source = gprov.by_source()
         weights = GraphWeights(graph)
         provenance.check_graph(prov, gprov, weights.index, graph)
+        # An int8 graph's quantized weights are read from the float graphs they were quantized from
+        graphs = [(gprov, weights)] + list(float_graphs(prov, gprov, graph).values())
+        held = [(g, w, g.by_source()) for g, w in graphs]
         current: dict[str, np.ndarray] = {}
         missing = []
 
         def source(key: str) -> np.ndarray | None:
             if key not in current:
-                inits = by_source.get(key)
-                if not inits:
+                found = next(((g, w, by[key][0]) for g, w, by in held if by.get(key)), None)
+                if found is None:
                     return None
-                name = inits[0]
-                entry = gprov.initializers[name]
-                parts = provenance.split_parts(np.asarray(weights.read(name), np.float32), entry, prov)
+                g, w, name = found
+                entry = g.initializers[name]
+                parts = provenance.split_parts(np.asarray(w.read(name), np.float32), entry, prov)
                 i = [k for k, _ in entry.parts].index(key) if key in [k for k, _ in entry.parts] else 0
                 current[key] = np.array(parts[i], np.float32)
             return current[key]
@@ -438,33 +454,110 @@ class Networks:
                         missing.append(bkey)
                     else:
                         current[bkey] = b + bias_delta.reshape(b.shape)
-        if missing and gprov.quantized:
-            raise SdrtError(f"{graph} is quantized (int8): LoRA on int8 graphs is not supported yet; "
-                            f"use --precision fp32")
+        if missing and gprov.quantized and gprov.quantization is None:
+            raise SdrtError(unrecorded_quantization(graph))
         if missing:
             log.warning("%s: %d weights the networks change are not in the graph (shared with other weights "
                         "or folded away): %s", graph, len(missing), ", ".join(missing[:_SHOWN]))
         return build_overrides(prov, gprov, weights, current)
 
 
+def unrecorded_quantization(graph: Path) -> str:
+    return (f"{graph} is quantized (int8) and was exported before sdrt recorded how its weights were "
+            f"quantized: re-export the bundle to use LoRA or VAE files on it (or use --precision fp32)")
+
+
+def float_graphs(prov: provenance.Provenance, gprov: provenance.GraphProvenance,
+                 graph: Path) -> dict[str, tuple[provenance.GraphProvenance, GraphWeights]]:
+    """The float graphs (beside ``graph``) that an int8 graph's quantized weights were made from."""
+    out = {}
+    for name in sorted({r.graph for r in (gprov.quantization or {}).values()}):
+        path = Path(graph).parent / name
+        g, w = prov.graph(path), GraphWeights(path)
+        provenance.check_graph(prov, g, w.index, path)
+        out[name] = (g, w)
+    return out
+
+
+def _rebuilt(prov: provenance.Provenance, gprov: provenance.GraphProvenance, weights: GraphWeights, name: str,
+             values: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Initializer ``name`` with the new source values in its layout and dtype; None when it holds
+    several equal source weights that the values change differently."""
+    entry = gprov.initializers[name]
+    keys = [k for k, _ in entry.parts]
+    if entry.same and not all(k in values and np.array_equal(values[k], values[keys[0]]) for k in entry.keys):
+        return None
+    original = np.asarray(weights.read(name))
+    parts = provenance.split_parts(original.astype(np.float32), entry, prov)
+    parts = [values.get(k, p) for k, p in zip(keys, parts)]
+    return np.ascontiguousarray(provenance.join_parts(parts, entry, original.shape)).astype(original.dtype)
+
+
+def requantized(prov: provenance.Provenance, gprov: provenance.GraphProvenance, weights: GraphWeights,
+                values: dict[str, np.ndarray], skipped: list[str]) -> dict[str, np.ndarray]:
+    """An int8 graph's quantized weights that hold any of ``values``: the float weight each was
+    quantized from, merged, quantized again the way the exporter did (new scale from the merged
+    weight's range; a QLinearConv's int32 bias again at the new scale). Names the ones left alone
+    in ``skipped``."""
+    if gprov.quantization is None:
+        held = gprov.by_source()
+        if any(k not in held for k in values):
+            raise SdrtError(unrecorded_quantization(weights.path))
+        return {}
+    floats = float_graphs(prov, gprov, weights.path)
+    out, held = {}, set(gprov.by_source())
+    for name, r in gprov.quantization.items():
+        fg, fw = floats[r.graph]
+        held.update(k for n in (r.initializer, r.bias[1] if r.bias else None) if n in fg.initializers
+                    for k in fg.initializers[n].keys)
+        bias = r.bias[1] if r.bias else None
+        touched = [n for n in (r.initializer, bias) if n in fg.initializers
+                   and any(k in values for k in fg.initializers[n].keys)]
+        if not touched:
+            continue
+        new = {n: _rebuilt(prov, fg, fw, n, values) for n in touched}
+        if any(v is None for v in new.values()):
+            skipped.append(name)
+            continue
+        w = new.get(r.initializer)
+        w = np.asarray(fw.read(r.initializer), np.float32) if w is None else w.astype(np.float32)
+        q, scale, zero = quantized.quantize(w.T if r.transpose else w, r.scheme)
+        out[name] = q
+        out[r.scale] = scale.reshape(weights.index[r.scale].dims)
+        if not np.array_equal(zero.reshape(-1), weights.read(r.zero_point).reshape(-1)):
+            out[r.zero_point] = zero.reshape(weights.index[r.zero_point].dims)
+        if r.bias:
+            quantized_bias, _, input_scale = r.bias
+            b = new.get(bias)
+            b = np.asarray(fw.read(bias), np.float32) if b is None else b
+            out[quantized_bias] = quantized.quantize_bias(b, weights.read(input_scale), scale)
+    # A weight the float graphs hold that this graph holds neither in float nor by a record
+    quantized_away = {k for g, _ in floats.values() for k in g.by_source()} - held
+    lost = sorted(k for k in values if k in quantized_away)
+    if lost:
+        log.warning("%s: %d changed weights are quantized without a record in this graph and keep their values: %s",
+                    weights.path, len(lost), ", ".join(lost[:_SHOWN]))
+    return out
+
+
 def build_overrides(prov: provenance.Provenance, gprov: provenance.GraphProvenance, weights: GraphWeights,
                     values: dict[str, np.ndarray]) -> Overrides:
     """The initializers of a graph that hold any of ``values`` (source key -> new value), rebuilt in
-    their layout and dtype. An initializer the exporter shared between several equal source
-    weights is replaced only when they all get the same new value (else a warning names it)."""
+    their layout and dtype; an int8 graph's quantized weights re-quantized (:func:`requantized`).
+    An initializer the exporter shared between several equal source weights is replaced only when
+    they all get the same new value (else a warning names it)."""
     provenance.check_graph(prov, gprov, weights.index, weights.path)
     arrays, skipped = {}, []
     for name, entry in gprov.initializers.items():
-        keys = [k for k, _ in entry.parts]
         if not any(k in values for k in entry.keys):
             continue
-        if entry.same and not all(k in values and np.array_equal(values[k], values[keys[0]]) for k in entry.keys):
+        value = _rebuilt(prov, gprov, weights, name, values)
+        if value is None:
             skipped.append(name)
-            continue
-        original = np.asarray(weights.read(name))
-        parts = provenance.split_parts(original.astype(np.float32), entry, prov)
-        parts = [values.get(k, p) for k, p in zip(keys, parts)]
-        arrays[name] = np.ascontiguousarray(provenance.join_parts(parts, entry, original.shape)).astype(original.dtype)
+        else:
+            arrays[name] = value
+    if gprov.quantized:
+        arrays.update(requantized(prov, gprov, weights, values, skipped))
     if skipped:
         log.warning("%s: %d graph weights hold several model weights the networks change differently; left "
                     "as they are: %s", weights.path, len(skipped), ", ".join(skipped[:_SHOWN]))

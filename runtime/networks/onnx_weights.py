@@ -67,6 +67,15 @@ def _varint(buf, i: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
+def _packed_int32(data: np.ndarray) -> np.ndarray:
+    """A packed ``repeated int32`` field's values (varints; negative ones take ten bytes)."""
+    buf, out, i = bytes(data), [], 0
+    while i < len(buf):
+        value, i = _varint(buf, i)
+        out.append(value - (1 << 64) if value >= 1 << 63 else value)
+    return np.array(out, np.int64).astype(np.int32)
+
+
 def _fields(buf, start: int, end: int):
     """(field number, wire type, value or (offset, length)) of one message's fields."""
     i = start
@@ -174,9 +183,9 @@ class GraphWeights:
             data = np.frombuffer(self._map, np.uint8, n, a)
         if not t.external and t.field == 4:  # float_data: packed float32
             values = data.view(np.float32)
-        elif not t.external and t.field == 5:  # int32_data: float16 / int8 values one per int32
-            values = data.view(np.int32).astype(t.dtype) if t.data_type != 10 else \
-                data.view(np.int32).astype(np.uint16).view(np.float16)
+        elif not t.external and t.field == 5:  # int32_data: float16 / int8 values one per int32, packed varints
+            ints = _packed_int32(data)
+            values = ints.astype(t.dtype) if t.data_type != 10 else ints.astype(np.uint16).view(np.float16)
         else:
             values = data.view(t.dtype)
         if values.size != t.size:

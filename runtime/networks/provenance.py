@@ -12,6 +12,19 @@ name table links graph weights to model weights. The runtime reads it to put mer
          "<initializer>": {"from": [["<k1>", "identity"], ["<k2>", "identity"]], "axis": 0},  # concat
          "<initializer>": {"from": [["<k1>", "identity"]], "same": ["<k2>"]}}}}}     # equal data
 
+An int8 graph (``"quantized": true``) also holds, for each quantized weight, the float initializer
+of the component's float graph it was quantized from and the quantization
+(:mod:`sdrt.runtime.networks.quantized`)::
+
+    "quantization": {"<W>_quantized": {"graph": "model.cpu.onnx", "initializer": "<W>",
+        "transpose": false, "scale": "<W>_scale", "zero_point": "<W>_zero_point", "dtype": "int8",
+        "range": [-127, 127], "symmetric": true, "axis": null, "rounding": "half to even",
+        "bias": {"quantized": "<B>_quantized", "initializer": "<B>", "input_scale": "<x>_scale"}}},
+    "unrecorded": ["<quantized initializers no float weight reproduced>"]
+
+Bundles exported before this record existed have no ``quantization``: a LoRA on their quantized
+weights asks for a re-export.
+
 A transform is ``identity`` (same shape), ``reshape`` (same values in C order, another shape) or
 ``transpose`` (a 2-D weight transposed, as torch exports ``Linear`` for ``MatMul``); the dtype
 may differ (a float16 graph holds the source cast). A concat holds its parts along ``axis``.
@@ -21,11 +34,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from sdrt.runtime.errors import SdrtError
+from sdrt.runtime.networks.quantized import DTYPES, Scheme
 
 FORMAT = "sdrt-provenance"
 VERSION = 1
@@ -62,9 +76,27 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Quantized:
+    """One quantized weight: the float initializer ``initializer`` of the float graph ``graph``
+    (transposed first when ``transpose``), quantized by ``scheme`` into the initializer the record
+    is keyed by, with its ``scale`` and ``zero_point`` initializers; ``bias``: (int32 bias
+    initializer, the float bias initializer of ``graph``, the input scale initializer) of a
+    QLinearConv, whose bias scale is the input scale times the weight's."""
+
+    graph: str
+    initializer: str
+    transpose: bool
+    scale: str
+    zero_point: str
+    scheme: Scheme
+    bias: tuple[str, str, str] | None = None
+
+
+@dataclass(frozen=True)
 class GraphProvenance:
     initializers: dict[str, Entry]
     quantized: bool
+    quantization: dict[str, Quantized] | None = field(default=None)  # None: exported before the record
 
     def by_source(self) -> dict[str, list[str]]:
         """Source key -> the initializers holding it."""
@@ -114,10 +146,28 @@ def load(component_dir: Path) -> Provenance:
                 if (len(parts) > 1) != (axis is not None) or any(k not in sources for k in same):
                     raise ValueError(f"bad entry for {init}")
                 entries[init] = Entry(parts, None if axis is None else int(axis), same)
-            graphs[name] = GraphProvenance(entries, bool(g.get("quantized", False)))
+            graphs[name] = GraphProvenance(entries, bool(g.get("quantized", False)), _quantization(g))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise SdrtError(f"{path}: unreadable provenance ({e}); re-export the bundle") from None
     return Provenance(str(d.get("component", Path(component_dir).name)), sources, graphs)
+
+
+def _quantization(g: dict) -> dict[str, Quantized] | None:
+    if "quantization" not in g:
+        return None
+    out = {}
+    for name, r in g["quantization"].items():
+        low, high = (int(x) for x in r["range"])
+        axis = r.get("axis")
+        if r["dtype"] not in DTYPES or not low <= 0 <= high or Path(r["graph"]).name != r["graph"]:
+            raise ValueError(f"bad quantization of {name}")
+        bias = r.get("bias")
+        out[name] = Quantized(str(r["graph"]), str(r["initializer"]), bool(r.get("transpose", False)), str(r["scale"]),
+                              str(r["zero_point"]),
+                              Scheme(r["dtype"], low, high, bool(r["symmetric"]), None if axis is None else int(axis)),
+                              None if bias is None else (str(bias["quantized"]), str(bias["initializer"]),
+                                                         str(bias["input_scale"])))
+    return out
 
 
 def check_graph(prov: Provenance, graph: GraphProvenance, index: dict, path: Path) -> None:
