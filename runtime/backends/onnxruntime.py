@@ -168,6 +168,9 @@ class Session(Backend):
         self._binding = None
         self._override_values = []
 
+    # set_overrides also takes graph edits (hypernetworks' nodes): the session is made from bytes
+    takes_graph_edits = True
+
     def set_overrides(self, overrides) -> None:
         """Make the session with these initializer values from now on (``runtime/networks``'
         ``Overrides``: ``add_to(options)`` puts some into the session options, ``model(path)`` gives

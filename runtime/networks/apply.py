@@ -373,6 +373,9 @@ class Networks:
             full = signature + ((("hypernet",) + hyper,) if hyper else ())
             if self._current.get(session, ()) != full:
                 check_session(session, component, "hypernetworks" if hyper and not used else "LoRA networks")
+                if hyper and not getattr(session, "takes_graph_edits", False):  # a TensorRT engine refits weights only
+                    raise SdrtError(f"hypernetworks are not supported by the {component} backend "
+                                    f"{type(session).__name__}: they add nodes to the graph (use an ONNX Runtime backend)")
                 overrides = self._overrides(component, session, used, signature)
                 if hyper:
                     overrides = self.hypernets.overrides(self.provenance(component), session, hypernets, overrides,
