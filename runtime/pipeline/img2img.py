@@ -46,7 +46,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from sdrt.runtime import sampling
 from sdrt.runtime.backends import open_component
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.pipeline import inpaint
+from sdrt.runtime.pipeline import inpaint, outpaint
 from sdrt.runtime.pipeline.hires import HiresPlan, make_hires_plan
 from sdrt.runtime.pipeline.params import GenerationParams, Img2imgParams
 from sdrt.runtime.pipeline.plan import Batch, Plan, make_plan, noise_seeds
@@ -217,6 +217,8 @@ class Img2imgPipeline(Pipeline):
         tile = self.vae_tiling.size if self.vae_tiling is not None else None
         options = {"check_clip_skip": self.text_encoder.check_clip_skip, "device": self.device, "vae_tile": tile}
         if isinstance(p, Img2imgParams):
+            if p.script_name not in (None, ""):
+                outpaint.script_call(p)  # the script's arguments checked; its runs make their own plans
             return make_img2img_plan(self.bundle, p, **options)
         if p.enable_hr:
             return make_hires_plan(self.bundle, p, upscalers=tuple(self.upscalers), **options)
@@ -321,6 +323,11 @@ class Img2imgPipeline(Pipeline):
         return self._encoded[1]
 
     def generate(self, p, callback=None) -> list[GeneratedImage]:
+        """As ``Pipeline.generate``; a request naming a script (``script_name``: the outpainting
+        scripts) runs the script, which makes its own requests."""
+        script = p.params if isinstance(p, Plan) else p
+        if isinstance(script, Img2imgParams) and script.script_name not in (None, ""):
+            return outpaint.run_script(self, script, callback)
         self._current = self._as_plan(p)
         try:
             return super().generate(self._current, callback)

@@ -185,5 +185,10 @@ class Img2imgParams(GenerationParams):
     # the mask the latents are blended and filled with, when it is not ``mask`` (at the request's
     # size; the webui's poor man's outpainting sets it)
     latent_mask: object = None
+    # The webui's img2img scripts by title (runtime/pipeline/outpaint.py): "Poor man's outpainting"
+    # (script_args [pixels, mask_blur, inpainting_fill, direction]) and "Outpainting mk2" ([info,
+    # pixels, mask_blur, direction, noise_q, color_variation]); None / "": none
+    script_name: str | None = None
+    script_args: list = field(default_factory=list)
     # img2img payload fields sdrt accepts at their neutral values only
     _neutral_extra: ClassVar[dict] = {"include_init_images": None, "image_cfg_scale": None}
