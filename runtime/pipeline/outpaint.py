@@ -42,6 +42,7 @@ from sdrt.runtime.pipeline.upscale import combine_grid, split_grid
 DIRECTIONS = ("left", "right", "up", "down")
 POOR_MAN = "Poor man's outpainting"
 MK2 = "Outpainting mk2"
+SCRIPTS = (MK2, POOR_MAN)  # the img2img scripts sdrt runs, by the webui's titles
 
 
 def canvas(image: Image.Image, pixels: int, mask_blur: int, direction: Sequence[str]):
@@ -286,9 +287,13 @@ def _args(name: str, given, defaults: list) -> list:
 
 def script_call(p: Img2imgParams):
     """(function, keyword arguments) of the script a request names (``script_name`` / ``script_args``
-    in the webui's order), checked; one-line errors for another script or bad arguments."""
+    in the webui's order), checked; one-line errors for another script or bad arguments. The name is
+    matched ignoring case, as the webui's API does."""
     name = p.script_name
-    if name == POOR_MAN:
+    if not isinstance(name, str):
+        raise SdrtError(f"script_name must be a script's title, got {name!r}")
+    if name.lower() == POOR_MAN.lower():
+        name = POOR_MAN
         pixels, mask_blur, fill, direction = _args(name, p.script_args, [128, 4, 0, list(DIRECTIONS)])
         if isinstance(fill, bool) or fill not in range(4):
             raise SdrtError(f"poor man's outpainting masked content must be 0..3 (fill, original, latent noise, "
@@ -296,7 +301,8 @@ def script_call(p: Img2imgParams):
         check_mk2(pixels, mask_blur, direction, 0.0, 0.0)
         return poor_mans_outpainting, {"pixels": int(pixels), "mask_blur": int(mask_blur), "inpainting_fill": int(fill),
                                        "direction": list(direction)}
-    if name == MK2:
+    if name.lower() == MK2.lower():
+        name = MK2
         # the first value is the script's info text (a gr.HTML in its UI), ignored
         _, pixels, mask_blur, direction, noise_q, color_variation = _args(
             name, p.script_args, [None, 128, 8, list(DIRECTIONS), 1.0, 0.05])

@@ -33,6 +33,7 @@ from PIL import Image, PngImagePlugin
 from sdrt.runtime import __version__, png
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import GenerationParams, Img2imgParams, Pipeline, Plan
+from sdrt.runtime.pipeline.outpaint import SCRIPTS
 from sdrt.runtime.pipeline.txt2img import GeneratedImage
 from sdrt.runtime.pipeline.upscale import LATENT_MODES, PIXEL_UPSCALERS
 from sdrt.runtime.sampling import SAMPLERS, SCHEDULES
@@ -612,13 +613,14 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def sd_vae():
         return [{"model_name": name, "filename": name} for name in config.list_vaes()]
 
-    # Hypernetworks, face restoration, styles and scripts do not exist in sdrt: their lists are empty
+    # Hypernetworks, face restoration and styles do not exist in sdrt: their lists are empty; of the
+    # webui's scripts, img2img's outpainting scripts (their lower-case titles, as the webui lists them)
     for route in ("hypernetworks", "face-restorers", "prompt-styles", "script-info"):
         app.get(f"{api}/{route}", name=route)(_empty_list)
 
     @app.get(f"{api}/scripts")
     async def scripts():
-        return {"txt2img": [], "img2img": []}
+        return {"txt2img": [], "img2img": [name.lower() for name in SCRIPTS]}
 
     @app.get(f"{api}/embeddings")
     async def embeddings():
