@@ -130,13 +130,16 @@ def generate(prompt, model, embeddings_dir, lora_dir, vae, vae_dir, device, prec
 
     refiner = params.pop("refiner")
     esrgan_dir = params.pop("esrgan_dir")
+    hr_checkpoint = params.pop("hr_checkpoint")
     request = GenerationParams.from_webui({"prompt": prompt, **params})
+    if hr_checkpoint is not None and not request.enable_hr:
+        raise SdrtError("--hr-checkpoint is a hires fix option: give --enable-hr")
     # hires fix's second pass is img2img (and pixel upscalers encode again): the encoder's pipeline
     kind, extra = (Img2imgPipeline, {"upscalers": _hires_upscalers(request, esrgan_dir, device)}) if request.enable_hr \
         else (Pipeline, {})
     _render(kind, request, model, output, memory, medvram, lowvram, vae_tiling, vae_tile_size, device=device,
             embeddings_dir=embeddings_dir, cuda_graph=cuda_graph, precision=precision, half_vae=not no_half_vae,
-            lora_dir=lora_dir, vae=(vae, vae_dir), refiner=refiner, **extra)
+            lora_dir=lora_dir, vae=(vae, vae_dir), refiner=refiner, hr_checkpoint=hr_checkpoint, **extra)
 
 
 def _hires_upscalers(request, esrgan_dir: str, device: str) -> dict:
@@ -168,6 +171,9 @@ _HIRES_OPTIONS = [
     click.Option(["--hr-scheduler"], default=None, help="Hires fix schedule type (default: --scheduler)."),
     click.Option(["--hr-prompt"], default="", help="Hires fix prompt (default: PROMPT)."),
     click.Option(["--hr-negative-prompt"], default="", help="Hires fix negative prompt (default: the negative prompt)."),
+    click.Option(["--hr-checkpoint"], default=None,
+                 help="Hires fix: run the second pass on this model (bundle, diffusers folder or checkpoint; the "
+                      "same latent space), as the webui's 'Hires checkpoint' (default: the same model)."),
     click.Option(["--esrgan-dir"], default="models/ESRGAN", show_default=True, type=click.Path(file_okay=False),
                  help="Folder of ESRGAN / Real-ESRGAN .pth files an --hr-upscaler may name (or give a path)."),
 ]
@@ -186,7 +192,14 @@ def _render(kind, request, model, output, memory, medvram, lowvram, vae_tiling, 
     vae, vae_dir = options.pop("vae", (None, None))
     options["vae"] = choose_vae(vae, model, bundle.name, [vae_dir] if vae_dir else None)
     refiner = options.pop("refiner", None)
+    hr_checkpoint = options.pop("hr_checkpoint", None)
     pipe = kind(bundle, memory=memory, vae_tiling=tiles, **options)
+    if hr_checkpoint is not None:  # the hires pass's model: its own VAE, with the same device and memory options
+        hr_bundle = open_bundle(resolve_model(hr_checkpoint, progress=_StageBar("export")))
+        pipe.set_hires_checkpoint(kind(hr_bundle, memory=memory, vae_tiling=tiles, device=options["device"],
+                                       precision=options["precision"], half_vae=options["half_vae"],
+                                       embeddings_dir=options["embeddings_dir"], lora_dir=options["lora_dir"]))
+        request = request.replace(hr_checkpoint_name=hr_bundle.name)
     if refiner is not None:
         from sdrt.runtime.pipeline import Pipeline
 
