@@ -255,7 +255,7 @@ def outpainting_mk2(pipe, p: Img2imgParams, pixels: int = 128, mask_blur: int = 
             mask.height - grow - blur_y * 2 if side == "down" else res_h), fill="black")
         q = p.replace(init_images=inputs, mask=mask, latent_mask=latent_mask, mask_blur=None, mask_blur_x=blur_x * 4,
                       mask_blur_y=blur_y * 4, inpainting_fill=1, inpaint_full_res=False, n_iter=1, width=width,
-                      height=height, resize_mode=0, script_name=None, script_args=[])
+                      height=height, script_name=None, script_args=[])
         results = pipe.generate(q, callback)
         if not first:
             first.append(results[0])
