@@ -222,6 +222,9 @@ def test_img2img_outpainting_scripts_by_name(client, server):
                                                             "script_name": name, "script_args": args})
         assert status == 422 and words in body["detail"], body
     status, _, body = _request(server.api("img2img"), {"prompt": "x", "init_images": [r.json["images"][0]],
+                                                        "script_name": "Outpainting mk2", "script_args": ["", 64]})
+    assert status == 422 and "the outpainted image (192x256) must be at most 16384 pixels" in body["detail"], body
+    status, _, body = _request(server.api("img2img"), {"prompt": "x", "init_images": [r.json["images"][0]],
                                                         "script_name": "X/Y/Z plot"})
     assert status == 422 and "script_name 'X/Y/Z plot'" in body["detail"]
 

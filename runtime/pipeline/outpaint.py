@@ -312,6 +312,15 @@ def script_call(p: Img2imgParams):
     raise SdrtError(f"script_name {name!r}: sdrt runs the img2img scripts {POOR_MAN!r} and {MK2!r}")
 
 
+def grown_size(p: Img2imgParams) -> tuple[int, int]:
+    """(width, height) of the image the script ``p`` names makes from its first init image (every
+    pass of either script is at most that large)."""
+    _, kwargs = script_call(p)
+    image = p.init_images if isinstance(p.init_images, Image.Image) else p.init_images[0]
+    left, right, up, down = (kwargs["pixels"] if d in kwargs["direction"] else 0 for d in DIRECTIONS)
+    return math.ceil((image.width + left + right) / 64) * 64, math.ceil((image.height + up + down) / 64) * 64
+
+
 def run_script(pipe, p: Img2imgParams, callback=None) -> list[GeneratedImage]:
     """The images of the script ``p`` names, run on ``pipe``."""
     fn, kwargs = script_call(p)
