@@ -132,7 +132,8 @@ def _match_cdf(source: np.ndarray, template: np.ndarray) -> np.ndarray:
     return mapped[inverse.reshape(-1)]
 
 
-def matched_noise(image: np.ndarray, mask: np.ndarray, noise_q: float = 1.0, color_variation: float = 0.05) -> np.ndarray:
+def matched_noise(image: np.ndarray, mask: np.ndarray, noise_q: float = 1.0,
+                  color_variation: float = 0.05) -> np.ndarray:
     """The script's ``get_matched_noise`` (from g-diffuser-bot): ``image`` [h, w, 3] in [0, 1] with
     the masked part (``mask`` [h, w, 3], 1 = new) replaced by noise that has the unmasked part's
     spectrum (the magnitude to the power ``noise_q``: lower is more detail) and value histogram;
@@ -203,7 +204,8 @@ def check_mk2(pixels, mask_blur, direction, noise_q, color_variation) -> None:
         raise SdrtError(f"outpainting directions must be some of {', '.join(DIRECTIONS)}, got {list(direction)!r}")
 
 
-def outpainting_mk2(pipe, p: Img2imgParams, pixels: int = 128, mask_blur: int = 8, direction: Sequence[str] = DIRECTIONS,
+def outpainting_mk2(pipe, p: Img2imgParams, pixels: int = 128, mask_blur: int = 8,
+                    direction: Sequence[str] = DIRECTIONS,
                     noise_q: float = 1.0, color_variation: float = 0.05, callback=None) -> list[GeneratedImage]:
     """The script's run on an ``Img2imgPipeline``: ``p`` gives the prompt, the sampler, the seed,
     ``batch_size`` / ``n_iter`` and the largest inpainted part (its width and height); its first
@@ -242,9 +244,10 @@ def outpainting_mk2(pipe, p: Img2imgParams, pixels: int = 128, mask_blur: int = 
             canvas = Image.new("RGB", (canvas_w, canvas_h))
             canvas.paste(image, (ph if side == "left" else 0, pv if side == "up" else 0))
             mask = Image.new("RGB", (canvas_w, canvas_h), "white")
-            ImageDraw.Draw(mask).rectangle((grow + blur_x if side == "left" else 0, grow + blur_y if side == "up" else 0,
-                                            canvas_w - grow - blur_x if side == "right" else res_w,
-                                            canvas_h - grow - blur_y if side == "down" else res_h), fill="black")
+            ImageDraw.Draw(mask).rectangle((
+                grow + blur_x if side == "left" else 0, grow + blur_y if side == "up" else 0,
+                canvas_w - grow - blur_x if side == "right" else res_w,
+                canvas_h - grow - blur_y if side == "down" else res_h), fill="black")
             outputs.append(_noised(canvas, mask, noise_q, color_variation))
             inputs.append(outputs[-1].crop(crop))
         mask = mask.crop(crop)
