@@ -10,6 +10,9 @@ sigma schedule values and the Pillow resize of the pixel upscalers.
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 from conftest import run_sdrt
@@ -174,6 +177,117 @@ def test_matches_torch_reference(pipe, ref, kd, monkeypatch, case):
     assert score >= 60, f"{case}: PSNR {score:.1f} dB, max {d.max()}/255, {(d > 0).sum()} values differ"
 
 
+# ---- hires checkpoint: the second pass on another model ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory, tiny_configs):
+    """A second tiny model (other random weights, the same latent space), as a checkpoint."""
+    from sdrt.export import convert
+    from sdrt.export.tiny import random_modules
+    from sdrt.export.write import save_checkpoint
+
+    unet, vae, text_encoder = random_modules(tiny_configs, seed=1)
+    ldm = convert.diffusers_to_ldm(
+        {"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": text_encoder.state_dict()},
+        tiny_configs)
+    return save_checkpoint(ldm, tiny_configs, tmp_path_factory.mktemp("ckpt2") / "other-sd1.safetensors")
+
+
+@pytest.fixture(scope="module")
+def other_bundle(tmp_path_factory, other_checkpoint):
+    from sdrt.export.write import export_checkpoint
+
+    return export_checkpoint(other_checkpoint, tmp_path_factory.mktemp("bundles2") / "other")
+
+
+@pytest.mark.parametrize("upscaler", ["Lanczos", None])
+def test_hires_checkpoint_matches_torch_reference(tiny_bundle, other_bundle, ref, other_checkpoint, kd, monkeypatch,
+                                                  upscaler):
+    from sdrt.export.reference import TorchReference
+
+    pipe = Img2imgPipeline(tiny_bundle)
+    other = Img2imgPipeline(other_bundle)
+    pipe.set_hires_checkpoint(other)
+    steps, strength = 6, 0.6
+    p = GenerationParams.from_webui({"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": steps, "seed": SEED,
+                                     "cfg_scale": CFG, "sampler_name": "Euler", "width": 64, "height": 64,
+                                     "enable_hr": True, "denoising_strength": strength, "hr_upscaler": upscaler,
+                                     "hr_scale": 1.5, "hr_checkpoint_name": other.bundle.name})
+    out = pipe.generate(p)[0]
+    plan = pipe.plan(p)
+    title = f"{other.bundle.name} [{other.bundle.model_hash}]"
+    assert plan.hr_checkpoint == title and f"Hires checkpoint: {title}, Hires upscale: 1.5" in out.infotext
+    assert f"Model: {pipe.bundle.name}," in out.infotext  # the first model's, as the webui's
+
+    # ---- the reference: the first pass on the first model, the second (and the VAE after it) on the other
+    second = TorchReference(other_checkpoint, other_bundle / "tokenizer")
+    cond, uncond = ref.encode(PROMPT, 1, 1), ref.encode(NEGATIVE, 1, 1)
+    sigmas = sampling.sigmas_for(plan.schedule, steps, pipe.denoiser.schedule, sampler=plan.sampler)
+    gens = Generators((4, 8, 8), SEED)
+    x = k_sample(kd, monkeypatch, ref, "Euler", gens.first * float(sigmas[0]),
+                 torch.from_numpy(sigmas.astype(np.float32)), gens, cond, uncond)
+    tx, ty = plan.upscale_to
+    if upscaler is None:
+        mode, aa = upscale.LATENT_MODES["Latent"]
+        z = torch.nn.functional.interpolate(x, size=(ty // 8, tx // 8), mode=mode, antialias=aa)
+    else:  # decoded by the first model's VAE, encoded by the second's
+        low = Image.fromarray((255.0 * np.moveaxis(ref.decode(x.float())[0], 0, 2)).astype(np.uint8))
+        z = reference_init_latent(second, upscale.resize_image(0, low, tx, ty, upscaler))
+    total, t_enc = int(steps / strength), steps - 1
+    hr_gens = Generators(tuple(z.shape[1:]), SEED)
+    sig = sampling.sigmas_for(plan.hr_schedule, total, other.denoiser.schedule, sampler=plan.hr_sampler)
+    sched = torch.from_numpy(sig[total - t_enc - 1:].astype(np.float32))
+    x = k_sample(kd, monkeypatch, second, "Euler", z + hr_gens.first * sched[0], sched, hr_gens,
+                 second.encode(PROMPT, 1, 1), second.encode(NEGATIVE, 1, 1))
+    expected = to_uint8(second.decode(x.float())[0])
+    got = np.asarray(out.image)
+    assert got.shape == expected.shape == (96, 96, 3)
+    score = psnr(expected, got, peak=255.0)
+    assert score >= 60, f"hires checkpoint, {upscaler}: PSNR {score:.1f} dB"
+    # the same request on one model differs (the second model did run)
+    same = pipe.generate(p.replace(hr_checkpoint_name="Use same checkpoint"))[0]
+    assert "Hires checkpoint" not in same.infotext and psnr(np.asarray(same.image), got, peak=255.0) < 40
+
+
+def test_hires_checkpoint_names_and_latent_space(tiny_bundle, pipe, tmp_path):
+    p = GenerationParams("x", steps=2, width=64, height=64, enable_hr=True, hr_checkpoint_name="nope [0123456789]")
+    with pytest.raises(SdrtError, match="hr_checkpoint_name 'nope \\[0123456789\\]' is not a model loaded here: "
+                                        "none is attached \\(sdrt generate --hr-checkpoint MODEL"):
+        pipe.plan(p)
+    # the model itself by name: run on it, named in the infotext as the webui does
+    title = f"{pipe.bundle.name} [{pipe.bundle.model_hash}]"
+    assert pipe.plan(p.replace(hr_checkpoint_name=title)).hr_checkpoint == title
+    assert pipe.plan(p.replace(enable_hr=False, hr_checkpoint_name="nope")).params  # ignored without hires fix
+    # a model of another latent space (the tiny bundle's manifest with SDXL's VAE scaling factor)
+    shifted = tmp_path / "shifted"
+    shutil.copytree(tiny_bundle, shifted)
+    manifest = json.loads((shifted / "sdrt.json").read_text())
+    manifest["latent_scale_factor"] = 0.13025
+    (shifted / "sdrt.json").write_text(json.dumps(manifest))
+    with pytest.raises(SdrtError, match="hires checkpoint tiny-sd1 has another latent space than tiny-sd1 "
+                                        "\\(sd1: 4 channels x 0.13025 vs sd1: 4 x 0.18215\\)"):
+        pipe.set_hires_checkpoint(Img2imgPipeline(shifted))
+    assert pipe.hires_checkpoint is None
+
+
+def test_cli_hires_checkpoint(tiny_bundle, other_bundle, tmp_path):
+    r = run_sdrt("generate", "a red circle", "--model", tiny_bundle, "--steps", 2, "--seed", 5, "--sampler", "Euler",
+                 "-W", 64, "-H", 64, "--enable-hr", "--hr-scale", 1.5, "--hr-checkpoint", other_bundle,
+                 "--denoising-strength", 0.5, "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    with Image.open(r.stdout.strip().splitlines()[-1]) as im:
+        text, pixels = im.text["parameters"], np.asarray(im.convert("RGB"))
+    pipe = Img2imgPipeline(tiny_bundle)
+    other = Img2imgPipeline(other_bundle)
+    pipe.set_hires_checkpoint(other)
+    same = pipe("a red circle", steps=2, seed=5, sampler_name="Euler", width=64, height=64, enable_hr=True,
+                hr_scale=1.5, denoising_strength=0.5, hr_checkpoint_name=other.bundle.name)[0]
+    assert np.array_equal(pixels, np.asarray(same.image)) and text == same.infotext
+    r = run_sdrt("generate", "x", "--model", tiny_bundle, "--steps", 2, "--hr-checkpoint", other_bundle,
+                 "-o", tmp_path / "bad")
+    assert r.returncode == 1 and r.stderr == "error: --hr-checkpoint is a hires fix option: give --enable-hr\n"
+
+
 # ---- infotext, API names, bad input, the command line ---------------------------------------------
 
 def test_infotext_as_the_webui(pipe):
@@ -234,8 +348,8 @@ def test_from_webui_accepts_the_hires_fields():
                                      "hr_scheduler": "Use same scheduler", "hr_prompt": "", "hr_negative_prompt": "",
                                      "hr_checkpoint_name": "Use same checkpoint", "firstphase_width": 0})
     assert (p.enable_hr, p.hr_upscaler, p.hr_second_pass_steps, p.denoising_strength) == (True, "Lanczos", 5, 0.4)
-    with pytest.raises(SdrtError, match="hr_checkpoint_name='other.safetensors' is not supported by sdrt yet"):
-        GenerationParams.from_webui({"prompt": "x", "hr_checkpoint_name": "other.safetensors"})
+    assert GenerationParams.from_webui({"prompt": "x", "hr_checkpoint_name": "other.safetensors"}).hr_checkpoint_name \
+        == "other.safetensors"
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -203,6 +203,32 @@ def test_img2img_with_the_webui_client(client, server):
     assert "Mask blur" not in r.info["infotexts"][0] and r.parameters["mask"] is None
 
 
+def test_img2img_outpainting_scripts_by_name(client, server):
+    init = client.txt2img(prompt="a house", seed=4, steps=2, width=64, height=64).images[0].convert("RGB")
+    status, _, body = _request(server.api("scripts"))
+    assert status == 200 and body["img2img"] == ["outpainting mk2", "poor man's outpainting"]
+    # 64 + 2 * 32 -> 128 wide: two 64 x 64 passes; the webui's script_args, its info text first
+    r = client.img2img(images=[init], prompt="a house", seed=8, steps=2, denoising_strength=0.8, width=64, height=64,
+                       script_name="Outpainting mk2", script_args=["", 32, 2, ["left", "right"], 1.0, 0.05])
+    assert len(r.images) == 1 and r.images[0].size == (128, 64) and _seed_of(r.images[0]) == 8
+    centre = np.asarray(r.images[0].convert("RGB"))[:, 32 + 24:32 + 40].astype(int)
+    assert np.abs(centre - np.asarray(init)[:, 24:40]).max() <= 1  # beyond the masks' blur: the init image
+    r = client.img2img(images=[init], prompt="a house", seed=8, steps=2, width=64, height=64,
+                       script_name="poor man's outpainting", script_args=[16, 4, 1, ["up"]])
+    assert r.images[0].size == (64, 128)
+    for name, args, words in (("Outpainting mk2", ["", 32, 2, []], "outpainting directions"),
+                              ("Poor man's outpainting", [0], "outpainting pixels")):
+        status, _, body = _request(server.api("img2img"), {"prompt": "x", "init_images": [r.json["images"][0]],
+                                                            "script_name": name, "script_args": args})
+        assert status == 422 and words in body["detail"], body
+    status, _, body = _request(server.api("img2img"), {"prompt": "x", "init_images": [r.json["images"][0]],
+                                                        "script_name": "Outpainting mk2", "script_args": ["", 64]})
+    assert status == 422 and "the outpainted image (192x256) must be at most 16384 pixels" in body["detail"], body
+    status, _, body = _request(server.api("img2img"), {"prompt": "x", "init_images": [r.json["images"][0]],
+                                                        "script_name": "X/Y/Z plot"})
+    assert status == 422 and "script_name 'X/Y/Z plot'" in body["detail"]
+
+
 def test_progress_during_a_job_and_interrupt(client, server):
     results = {}
 

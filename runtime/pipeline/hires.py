@@ -23,8 +23,15 @@ The webui's rules (``StableDiffusionProcessingTxt2Img.init`` / ``calculate_targe
 The image comes out at the second pass's latent size times 8 (a target that is no multiple of 8 is
 rounded down, as the webui's). Deliberate differences: the second pass's prompt-editing schedules count
 its own steps (the webui offsets them by the first pass's steps: ``[a:b:N]`` with N over both
-passes; prompts without editing are the same); no hires checkpoint; an
-interrupt during the first pass returns the first pass's image (as the webui's). ESRGAN files are
+passes; prompts without editing are the same); an
+interrupt during the first pass returns the first pass's image (as the webui's).
+
+Hires checkpoint (``hr_checkpoint_name``): the second pass runs on another model's pipeline
+(``Img2imgPipeline.set_hires_checkpoint``), as the webui's reload before ``sample_hr_pass``: the first
+pass decoded (pixel upscalers) by the first model's VAE, encoded again by the second's; the second
+pass's prompts conditioned by its text encoder (its ``<lora:>`` tags on its graphs), its UNet and
+schedule; the image decoded by its VAE; ``Hires checkpoint: name [hash]`` in the infotext, first of
+the hires fields (omitted for "Use same checkpoint"). ESRGAN files are
 named upscalers of the pipeline (``Img2imgPipeline(upscalers={name: ModelUpscaler})``, ``sdrt
 generate --esrgan-dir``).
 """
@@ -93,6 +100,7 @@ class HiresPlan(Plan):
     t_enc: int
     hr_prompt: str
     hr_negative_prompt: str
+    hr_checkpoint: str | None = None  # the second pass's model as the infotext names it (name [hash]), or None
 
     @property
     def latent_upscale(self) -> bool:
@@ -127,6 +135,7 @@ class HiresPlan(Plan):
     def infotext_fields(self, model_hash: str | None, model_name: str) -> dict:
         p = self.params
         hires = {
+            "Hires checkpoint": self.hr_checkpoint,
             "Hires sampler": self.hr_sampler.name if self.hr_sampler.name != self.sampler.name else None,
             "Hires prompt": self.hr_prompt if self.hr_prompt != p.prompt else None,
             "Hires negative prompt": self.hr_negative_prompt if self.hr_negative_prompt != p.negative_prompt else None,
@@ -149,9 +158,10 @@ class HiresPlan(Plan):
 
 
 def make_hires_plan(bundle: Bundle, p: GenerationParams, upscalers: tuple[str, ...] = (),
-                    **plan_options) -> HiresPlan:
+                    hr_checkpoint: str | None = None, **plan_options) -> HiresPlan:
     """Validate a hires-fix request with one-line errors (``make_plan``'s checks and the second
-    pass's) and resolve it; ``upscalers``: the names of the model upscalers the pipeline has."""
+    pass's) and resolve it; ``upscalers``: the names of the model upscalers the pipeline has;
+    ``hr_checkpoint``: the title of the model the second pass runs on, when the request names one."""
     d = p.denoising_strength
     if isinstance(d, bool) or not isinstance(d, (int, float, np.number)) or not 0.0 <= d <= 1.0:
         raise SdrtError(f"denoising_strength must be a number in [0, 1], got {d!r}")
@@ -201,4 +211,4 @@ def make_hires_plan(bundle: Bundle, p: GenerationParams, upscalers: tuple[str, .
     return HiresPlan(**fields, denoising_strength=d, upscaler=upscaler, upscale_to=(x, y), truncate=(tx, ty),
                      hr_sampler=info, hr_schedule=schedule, hr_schedule_type=label, hr_options=options, hr_steps=steps,
                      schedule_steps=schedule_steps, t_enc=t_enc, hr_prompt=p.hr_prompt or p.prompt,
-                     hr_negative_prompt=p.hr_negative_prompt or p.negative_prompt)
+                     hr_negative_prompt=p.hr_negative_prompt or p.negative_prompt, hr_checkpoint=hr_checkpoint)

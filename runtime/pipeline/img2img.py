@@ -46,7 +46,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from sdrt.runtime import sampling
 from sdrt.runtime.backends import open_component
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.pipeline import inpaint
+from sdrt.runtime.pipeline import inpaint, outpaint
 from sdrt.runtime.pipeline.hires import HiresPlan, make_hires_plan
 from sdrt.runtime.pipeline.params import GenerationParams, Img2imgParams
 from sdrt.runtime.pipeline.plan import Batch, Plan, make_plan, noise_seeds
@@ -208,6 +208,59 @@ class Img2imgPipeline(Pipeline):
         self._current: Plan | None = None  # the plan being generated (its inpainting overlays)
         self._hr_conds: tuple[HiresPlan, object, object] | None = None  # hires fix's second-pass prompts
 
+    hires_checkpoint: Img2imgPipeline | None = None  # the model hr_checkpoint_name may name (set_hires_checkpoint)
+
+    def set_hires_checkpoint(self, pipe: Img2imgPipeline | None) -> None:
+        """Attach the pipeline of the model hires fix's second pass may run on (the webui's "Hires
+        checkpoint"): a request names it in ``hr_checkpoint_name`` (its bundle name or ``"name
+        [hash]"``). It must share this model's latent space (channels, scale factors); it follows
+        this pipeline's interrupt and skip."""
+        if pipe is not None:
+            if not isinstance(pipe, Img2imgPipeline):
+                raise SdrtError("the hires checkpoint needs an Img2imgPipeline (its VAE encoder)")
+            a, b = self.bundle, pipe.bundle
+            space = (a.latent_channels, a.latent_scale_factor, a.vae_scale_factor)
+            if space != (b.latent_channels, b.latent_scale_factor, b.vae_scale_factor):
+                raise SdrtError(f"hires checkpoint {b.name} has another latent space than {a.name} "
+                                f"({b.architecture}: {b.latent_channels} channels x {b.latent_scale_factor:g} vs "
+                                f"{a.architecture}: {a.latent_channels} x {a.latent_scale_factor:g})")
+            pipe._interrupted, pipe._skipped = self._interrupted, self._skipped
+        self.hires_checkpoint = pipe
+
+    def _hires_title(self, p: GenerationParams) -> str | None:
+        """The title (``name [hash]``, the webui's ``short_title``) of the model ``hr_checkpoint_name``
+        names, None for the same model; one-line errors for a model that is neither this one nor the
+        one attached."""
+        given = p.hr_checkpoint_name
+        if given in (None, "", "Use same checkpoint"):
+            return None
+        if not isinstance(given, str):
+            raise SdrtError(f"hr_checkpoint_name must be a model's name, got {given!r}")
+        for pipe in (self.hires_checkpoint, self):
+            if pipe is not None and (given in (pipe.bundle.name, self._hires_title_of(pipe))
+                                     or Path(given.split(" [")[0]).stem == pipe.bundle.name):
+                return self._hires_title_of(pipe)
+        attached = f"the one attached is {self._hires_title_of(self.hires_checkpoint)}" if self.hires_checkpoint \
+            else "none is attached (sdrt generate --hr-checkpoint MODEL; Img2imgPipeline.set_hires_checkpoint)"
+        raise SdrtError(f"hr_checkpoint_name {given!r} is not a model loaded here: {attached}")
+
+    @staticmethod
+    def _hires_title_of(pipe: Pipeline) -> str:
+        """A model's name as the webui's infotext writes it (``short_title``: name [hash])."""
+        b = pipe.bundle
+        return f"{b.name} [{b.model_hash}]" if b.model_hash else b.name
+
+    def _hires_pipe(self, plan: Plan) -> Img2imgPipeline:
+        """The pipeline that runs a hires plan's second pass: the attached hires checkpoint when the
+        plan names it, else this one."""
+        other = self.hires_checkpoint
+        if isinstance(plan, HiresPlan) and other is not None and plan.hr_checkpoint == self._hires_title_of(other):
+            return other
+        return self
+
+    def _decoder(self, plan: Plan) -> Pipeline:
+        return self._hires_pipe(plan)
+
     def img2img(self, prompt: str = "", **params) -> list[GeneratedImage]:
         """Images from ``init_images`` and ``prompt``; one-line ``SdrtError`` for a wrong argument."""
         return self.generate(Img2imgParams.from_webui({"prompt": prompt, **params}))
@@ -217,9 +270,12 @@ class Img2imgPipeline(Pipeline):
         tile = self.vae_tiling.size if self.vae_tiling is not None else None
         options = {"check_clip_skip": self.text_encoder.check_clip_skip, "device": self.device, "vae_tile": tile}
         if isinstance(p, Img2imgParams):
+            if p.script_name not in (None, ""):
+                outpaint.script_call(p)  # the script's arguments checked; its runs make their own plans
             return make_img2img_plan(self.bundle, p, **options)
         if p.enable_hr:
-            return make_hires_plan(self.bundle, p, upscalers=tuple(self.upscalers), **options)
+            return make_hires_plan(self.bundle, p, upscalers=tuple(self.upscalers), hr_checkpoint=self._hires_title(p),
+                                   **options)
         return super().plan(p)
 
     def conditioning(self, plan: Plan | GenerationParams):
@@ -235,7 +291,10 @@ class Img2imgPipeline(Pipeline):
         if self._hr_conds is None or self._hr_conds[0] is not plan:
             p = plan.params
             width, height = plan.upscale_to
-            conds = self.text_encoder.conditioning(plan.hr_prompt, plan.hr_negative_prompt, plan.hr_condition_steps,
+            hr = self._hires_pipe(plan)
+            if hr is not self:  # the webui activates the second pass's networks on the model it loads
+                hr.networks.activate(plan.hr_prompt, hr._network_sessions())
+            conds = hr.text_encoder.conditioning(plan.hr_prompt, plan.hr_negative_prompt, plan.hr_condition_steps,
                                                    p.clip_skip, p.pad_conds, width=width, height=height,
                                                    crop=(p.sdxl_crop_top, p.sdxl_crop_left),
                                                    aesthetic=(p.sdxl_refiner_high_aesthetic_score,
@@ -321,6 +380,11 @@ class Img2imgPipeline(Pipeline):
         return self._encoded[1]
 
     def generate(self, p, callback=None) -> list[GeneratedImage]:
+        """As ``Pipeline.generate``; a request naming a script (``script_name``: the outpainting
+        scripts) runs the script, which makes its own requests."""
+        script = p.params if isinstance(p, Plan) else p
+        if isinstance(script, Img2imgParams) and script.script_name not in (None, ""):
+            return outpaint.run_script(self, script, callback)
         self._current = self._as_plan(p)
         try:
             return super().generate(self._current, callback)
@@ -373,6 +437,7 @@ class Img2imgPipeline(Pipeline):
             return samples
         (x, y), (tx, ty) = plan.upscale_to, plan.truncate
         factor = self.bundle.vae_scale_factor
+        hr_pipe = self._hires_pipe(plan)  # a hires checkpoint: its VAE encodes, its UNet samples
         if plan.latent_upscale:
             z = upscale_latents(samples, y // factor, x // factor, plan.upscaler)
         else:
@@ -380,8 +445,8 @@ class Img2imgPipeline(Pipeline):
             self._done_with(self.vae_decoder, "low")
             upscaler = self.upscalers.get(plan.upscaler, plan.upscaler)
             images = [resize_image(0, Image.fromarray(to_uint8(px)), x, y, upscaler) for px in pixels]
-            z = self.encode(images)
-            self._done_with(self.vae_encoder, "med", "low")
+            z = hr_pipe.encode(images)
+            hr_pipe._done_with(hr_pipe.vae_encoder, "med", "low")
         z = z[:, :, ty // 2:z.shape[2] - (ty + 1) // 2, tx // 2:z.shape[3] - (tx + 1) // 2]
         base = {f.name: getattr(plan, f.name) for f in dataclasses.fields(Plan)}
         (w, h), shape = plan.hr_size, (plan.latent_shape[0], *z.shape[2:])
@@ -394,10 +459,13 @@ class Img2imgPipeline(Pipeline):
         offset = plan.params.steps
         on_event = callback and (lambda e: callback({**e, "step": e["step"] + offset, "steps": plan.steps}))
         try:
-            return self._sample_from(hr, batch, rng, z, rng.next(), hr_cond, hr_uncond, on_event)
+            return hr_pipe._sample_from(hr, batch, rng, z, rng.next(), hr_cond, hr_uncond, on_event)
         except _Stopped as stop:  # the step counted over both passes, as the progress events
             stop.step += offset
             raise
+        finally:
+            if hr_pipe is not self:
+                hr_pipe._conditioned = None
 
     def _sample_from(self, plan: Img2imgPlan, batch: Batch, rng: ImageRNG, init: np.ndarray, noise: np.ndarray,
                      cond, uncond, callback, masking: inpaint.Inpaint | None = None) -> np.ndarray:

@@ -66,6 +66,10 @@ class GenerationParams:
     hr_scheduler: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
+    # The model the second pass runs on (the webui's "Hires checkpoint"): None / "" / "Use same
+    # checkpoint" = this one; else the name of the one attached (Img2imgPipeline.set_hires_checkpoint,
+    # sdrt generate --hr-checkpoint MODEL), which must share this model's latent space
+    hr_checkpoint_name: str | None = None
     # The refiner (the webui's names): the second model, which the pipeline must have attached
     # (Pipeline.set_refiner; sdrt generate --refiner MODEL), takes over at the switch
     refiner_checkpoint: str | None = None
@@ -126,7 +130,6 @@ _ALIASES = {"sampler": "sampler_name", "sampler_index": "sampler_name", "batch_c
 _NEUTRAL: dict[str, tuple | None] = {
     "styles": (None, [], ()), "restore_faces": (None, False), "tiling": (None, False),
     "firstphase_width": (None, 0), "firstphase_height": (None, 0),
-    "hr_checkpoint_name": (None, "", "Use same checkpoint"),
     "s_min_uncond": (None, 0, 0.0), "do_not_save_samples": None, "do_not_save_grid": None, "send_images": None,
     "save_images": (None, False), "script_name": (None, ""), "script_args": (None, [], ()),
     "alwayson_scripts": (None, {}), "override_settings_restore_afterwards": None,
@@ -185,5 +188,10 @@ class Img2imgParams(GenerationParams):
     # the mask the latents are blended and filled with, when it is not ``mask`` (at the request's
     # size; the webui's poor man's outpainting sets it)
     latent_mask: object = None
+    # The webui's img2img scripts by title (runtime/pipeline/outpaint.py): "Poor man's outpainting"
+    # (script_args [pixels, mask_blur, inpainting_fill, direction]) and "Outpainting mk2" ([info,
+    # pixels, mask_blur, direction, noise_q, color_variation]); None / "": none
+    script_name: str | None = None
+    script_args: list = field(default_factory=list)
     # img2img payload fields sdrt accepts at their neutral values only
     _neutral_extra: ClassVar[dict] = {"include_init_images": None, "image_cfg_scale": None}

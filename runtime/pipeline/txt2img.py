@@ -390,12 +390,19 @@ class Pipeline:
         results = []
         for batch, latents, stopped, refined in sampled:
             # After the switch the webui's loaded model is the refiner: its VAE decodes
-            decoder, image_fields = (self.refiner, self._refined_fields(fields, p)) if refined else (self, fields)
+            if refined:
+                decoder, image_fields = self.refiner, self._refined_fields(fields, p)
+            else:  # the model that sampled last (a hires checkpoint's) decodes
+                decoder, image_fields = self._decoder(plan), fields
             for seed, subseed, image in zip(batch.seeds, batch.subseeds, decoder.decode(latents)):
                 text = png.infotext(p.prompt, p.negative_prompt, plan.image_fields(image_fields, seed, subseed))
                 results.append(GeneratedImage(image, seed, text, stopped))
         self._done_with(self.vae_decoder, "med", "low")
         return results
+
+    def _decoder(self, plan: Plan) -> Pipeline:
+        """The pipeline whose VAE decodes the plan's images (another model's after a hires checkpoint)."""
+        return self
 
     def _refined_fields(self, fields: dict, p: GenerationParams) -> dict:
         """The infotext with the webui's ``Refiner`` and ``Refiner switch at``, written at the switch

@@ -33,6 +33,7 @@ from PIL import Image, PngImagePlugin
 from sdrt.runtime import __version__, png
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import GenerationParams, Img2imgParams, Pipeline, Plan
+from sdrt.runtime.pipeline.outpaint import SCRIPTS, grown_size
 from sdrt.runtime.pipeline.txt2img import GeneratedImage
 from sdrt.runtime.pipeline.upscale import LATENT_MODES, PIXEL_UPSCALERS
 from sdrt.runtime.sampling import SAMPLERS, SCHEDULES
@@ -274,6 +275,11 @@ class Server:
         if plan.width * plan.height > c.max_pixels:
             raise SdrtError(f"width x height must be at most {c.max_pixels} pixels (--max-pixels), "
                             f"got {plan.width}x{plan.height}")
+        if getattr(params, "script_name", None):  # an outpainting script: its passes are at most its image
+            w, h = grown_size(params)
+            if w * h > c.max_pixels:
+                raise SdrtError(f"script_args: the outpainted image ({w}x{h}) must be at most {c.max_pixels} pixels "
+                                "(--max-pixels)")
         hr_w, hr_h = getattr(plan, "hr_size", (0, 0))  # hires fix's second pass
         if hr_w * hr_h > c.max_pixels:
             raise SdrtError(f"hr_scale: the hires fix size must be at most {c.max_pixels} pixels (--max-pixels), "
@@ -656,13 +662,14 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def hypernetworks():
         return await asyncio.to_thread(config.list_hypernetworks)
 
-    # Face restoration, styles and scripts do not exist in sdrt: their lists are empty
+    # Face restoration and styles do not exist in sdrt: their lists are empty; of the webui's
+    # scripts, img2img's outpainting scripts (their lower-case titles, as the webui lists them)
     for route in ("face-restorers", "prompt-styles", "script-info"):
         app.get(f"{api}/{route}", name=route)(_empty_list)
 
     @app.get(f"{api}/scripts")
     async def scripts():
-        return {"txt2img": [], "img2img": []}
+        return {"txt2img": [], "img2img": [name.lower() for name in SCRIPTS]}
 
     @app.get(f"{api}/embeddings")
     async def embeddings():

@@ -134,13 +134,17 @@ def generate(prompt, model, embeddings_dir, lora_dir, hypernetwork_dir, vae, vae
 
     refiner = params.pop("refiner")
     esrgan_dir = params.pop("esrgan_dir")
+    hr_checkpoint = params.pop("hr_checkpoint")
     request = GenerationParams.from_webui({"prompt": prompt, **params})
+    if hr_checkpoint is not None and not request.enable_hr:
+        raise SdrtError("--hr-checkpoint is a hires fix option: give --enable-hr")
     # hires fix's second pass is img2img (and pixel upscalers encode again): the encoder's pipeline
     kind, extra = (Img2imgPipeline, {"upscalers": _hires_upscalers(request, esrgan_dir, device)}) if request.enable_hr \
         else (Pipeline, {})
     _render(kind, request, model, output, memory, medvram, lowvram, vae_tiling, vae_tile_size, device=device,
             embeddings_dir=embeddings_dir, cuda_graph=cuda_graph, precision=precision, half_vae=not no_half_vae,
-            lora_dir=lora_dir, hypernetwork_dir=hypernetwork_dir, vae=(vae, vae_dir), refiner=refiner, **extra)
+            lora_dir=lora_dir, hypernetwork_dir=hypernetwork_dir, vae=(vae, vae_dir), refiner=refiner,
+            hr_checkpoint=hr_checkpoint, **extra)
 
 
 def _hires_upscalers(request, esrgan_dir: str, device: str) -> dict:
@@ -172,6 +176,9 @@ _HIRES_OPTIONS = [
     click.Option(["--hr-scheduler"], default=None, help="Hires fix schedule type (default: --scheduler)."),
     click.Option(["--hr-prompt"], default="", help="Hires fix prompt (default: PROMPT)."),
     click.Option(["--hr-negative-prompt"], default="", help="Hires fix negative prompt (default: the negative prompt)."),
+    click.Option(["--hr-checkpoint"], default=None,
+                 help="Hires fix: run the second pass on this model (bundle, diffusers folder or checkpoint; the "
+                      "same latent space), as the webui's 'Hires checkpoint' (default: the same model)."),
     click.Option(["--esrgan-dir"], default="models/ESRGAN", show_default=True, type=click.Path(file_okay=False),
                  help="Folder of ESRGAN / Real-ESRGAN .pth files an --hr-upscaler may name (or give a path)."),
 ]
@@ -190,8 +197,14 @@ def _render(kind, request, model, output, memory, medvram, lowvram, vae_tiling, 
     vae, vae_dir = options.pop("vae", (None, None))
     options["vae"] = choose_vae(vae, model, bundle.name, [vae_dir] if vae_dir else None)
     refiner = options.pop("refiner", None)
-    run = options.pop("run", None)  # run(pipe, request, callback) -> images, for a script (outpainting)
+    hr_checkpoint = options.pop("hr_checkpoint", None)
     pipe = kind(bundle, memory=memory, vae_tiling=tiles, **options)
+    if hr_checkpoint is not None:  # the hires pass's model: its own VAE, with the same device and memory options
+        hr_bundle = open_bundle(resolve_model(hr_checkpoint, progress=_StageBar("export")))
+        pipe.set_hires_checkpoint(kind(hr_bundle, memory=memory, vae_tiling=tiles, device=options["device"],
+                                       precision=options["precision"], half_vae=options["half_vae"],
+                                       embeddings_dir=options["embeddings_dir"], lora_dir=options["lora_dir"]))
+        request = request.replace(hr_checkpoint_name=hr_bundle.name)
     if refiner is not None:
         from sdrt.runtime.pipeline import Pipeline
 
@@ -209,7 +222,7 @@ def _render(kind, request, model, output, memory, medvram, lowvram, vae_tiling, 
         bar.update(1)
 
     try:
-        images = run(pipe, request, on_step) if run else pipe.generate(plan, callback=on_step)
+        images = pipe.generate(plan, callback=on_step)
     finally:
         if bar is not None:
             bar.close()
@@ -249,18 +262,32 @@ _FILLS = {"fill": 0, "original": 1, "latent noise": 2, "latent nothing": 3, "0":
 @click.option("--inpainting-mask-invert", is_flag=True, help="Repaint what is not masked.")
 @click.option("--inpainting-mask-weight", default=1.0, show_default=True, type=float,
               help="Inpainting models: the conditioning mask strength, 0..1 (the webui's setting).")
+@click.option("--script", "script_name", default=None, type=click.Choice(["Poor man's outpainting", "Outpainting mk2"]),
+              help="The webui's img2img script to run (--outpaint-pixels alone: poor man's outpainting).")
 @click.option("--outpaint-pixels", default=0, show_default=True, type=int,
-              help="Poor man's outpainting (the webui's script): grow the image by this many pixels (0: off), "
-                   "with --mask-blur and --inpainting-fill; the tiles are the -W x -H size.")
+              help="Outpainting: grow the image by this many pixels (0: off; with --script 'Outpainting mk2' "
+                   "0 means its default, 128). Poor man's: tiles of -W x -H, with --mask-blur and "
+                   "--inpainting-fill; mk2: the inpainted strips at most -W wide / -H high.")
 @click.option("--outpaint-direction", "outpaint_directions", multiple=True,
               type=click.Choice(["left", "right", "up", "down"]), help="Sides to grow (repeat; default: all four).")
+@click.option("--outpaint-directions", "outpaint_direction_list", default=None,
+              help="Sides to grow as one comma-separated list (left,right,up,down).")
+@click.option("--outpaint-mask-blur", default=None, type=int,
+              help="Outpainting mask blur (default: --mask-blur for poor man's, 8 for mk2).")
+@click.option("--outpaint-falloff", default=1.0, show_default=True, type=float,
+              help="Outpainting mk2: fall-off exponent of the matched noise (lower = more detail).")
+@click.option("--outpaint-color-variation", default=0.05, show_default=True, type=float,
+              help="Outpainting mk2: color variation of the matched noise, 0..1.")
 @_friendly
 def img2img(prompt, model, embeddings_dir, lora_dir, hypernetwork_dir, vae, vae_dir, device, precision, no_half_vae,
-            output, memory, medvram, lowvram, vae_tiling, vae_tile_size, cuda_graph, init_images, resize_mode, mask, inpainting_fill, inpainting_mask_invert, outpaint_pixels,
-            outpaint_directions, **params):
-    """Generate images from init images and PROMPT (img2img; inpainting with --mask), as the webui's img2img tab."""
+            output, memory, medvram, lowvram, vae_tiling, vae_tile_size, cuda_graph, init_images, resize_mode, mask,
+            inpainting_fill, inpainting_mask_invert, script_name, outpaint_pixels, outpaint_directions,
+            outpaint_direction_list, outpaint_mask_blur, outpaint_falloff, outpaint_color_variation, **params):
+    """Generate images from init images and PROMPT (img2img; inpainting with --mask; the outpainting
+    scripts with --script / --outpaint-pixels), as the webui's img2img tab."""
     from sdrt.runtime.pipeline import Img2imgParams, Img2imgPipeline
     from sdrt.runtime.pipeline.img2img import load_image
+    from sdrt.runtime.pipeline.outpaint import DIRECTIONS, MK2, POOR_MAN
 
     images = [load_image(path) for path in init_images]
     inpainting = {"mask": load_image(mask), "inpainting_fill": _FILLS[inpainting_fill],
@@ -268,19 +295,26 @@ def img2img(prompt, model, embeddings_dir, lora_dir, hypernetwork_dir, vae, vae_
     refiner = params.pop("refiner")
     request = Img2imgParams.from_webui({"prompt": prompt, "init_images": images,
                                         "resize_mode": _RESIZE_MODES[resize_mode], **inpainting, **params})
-    script = {}
-    if outpaint_pixels:
-        from sdrt.runtime.pipeline.outpaint import DIRECTIONS, poor_mans_outpainting
-
+    if outpaint_pixels and script_name is None:
+        script_name = POOR_MAN
+    if script_name is not None:
         if mask is not None:
-            raise SdrtError("--outpaint-pixels draws its own masks: give no --mask")
-        fill, blur, sides = _FILLS[inpainting_fill], request.mask_blur, outpaint_directions or DIRECTIONS
-        script["run"] = lambda pipe, req, callback: [poor_mans_outpainting(pipe, req, outpaint_pixels, blur, fill,
-                                                                           sides, callback)]
+            raise SdrtError("--script / --outpaint-pixels: outpainting draws its own masks: give no --mask")
+        sides = list(outpaint_directions)
+        if outpaint_direction_list is not None:
+            sides += [d.strip() for d in outpaint_direction_list.split(",") if d.strip()]
+        sides = sides or list(DIRECTIONS)
+        if script_name == MK2:
+            args = [None, outpaint_pixels or 128, 8 if outpaint_mask_blur is None else outpaint_mask_blur, sides,
+                    outpaint_falloff, outpaint_color_variation]
+        else:
+            blur = request.mask_blur if outpaint_mask_blur is None else outpaint_mask_blur
+            args = [outpaint_pixels or 128, blur, _FILLS[inpainting_fill], sides]
+        request = request.replace(script_name=script_name, script_args=args)
     _render(Img2imgPipeline, request, model, output, memory, medvram, lowvram, vae_tiling, vae_tile_size,
             device=device, embeddings_dir=embeddings_dir, cuda_graph=cuda_graph, precision=precision,
             half_vae=not no_half_vae, lora_dir=lora_dir, hypernetwork_dir=hypernetwork_dir, vae=(vae, vae_dir),
-            refiner=refiner, **script)
+            refiner=refiner)
 
 
 @main.command("upscale")
