@@ -451,11 +451,15 @@ def test_cors_only_for_the_configured_origins(server, guarded):
 @pytest.fixture(scope="module")
 def refined(tmp_path_factory):
     """The embedded model, and in the checkpoint folder another model of its latent space (random
-    weights, the tiny SD 1.x architecture) for requests to refine with."""
+    weights, the tiny SD 1.x architecture, the embedded model's latent scale) for requests to refine
+    with or to run hires fix's second pass on."""
     from sdrt.export.tiny import random_bundle, scaled_sd1_configs
+    from sdrt.runtime.bundle import open_bundle
 
     tmp = tmp_path_factory.mktemp("refined")
-    bundle = random_bundle(scaled_sd1_configs(), tmp / "Stable-diffusion" / "polish", seed=5)
+    configs = scaled_sd1_configs()
+    configs["vae"]["scaling_factor"] = open_bundle(default_model_path()).latent_scale_factor
+    bundle = random_bundle(configs, tmp / "Stable-diffusion" / "polish", seed=5)
     s = Server(tmp, "--ckpt-dir", str(tmp / "Stable-diffusion"), "--max-pixels", str(128 * 128))
     yield s, bundle
     s.stop()
@@ -494,3 +498,37 @@ def test_refiner_checkpoint_names_a_model_of_the_catalog(refined):
     status, _, body = _request(server.api("txt2img"), {**payload, "refiner_checkpoint": title,
                                                       "refiner_switch_at": 1.5})
     assert status == 422 and "refiner_switch_at" in body["detail"]
+
+
+def test_hr_checkpoint_name_runs_the_second_pass_on_a_model_of_the_catalog(refined):
+    """The webui API's hr_checkpoint_name: hires fix's second pass on another model of the catalog,
+    the image the Python API's with that model attached; the server's own model names no switch."""
+    import sdrt
+
+    server, bundle = refined
+    models = _request(server.api("sd-models"))[2]
+    title = next(m["title"] for m in models if m["title"].startswith("polish"))
+    payload = {"prompt": "a blue square", "seed": 3, "steps": 4, "width": 64, "height": 64, "sampler_name": "Euler",
+               "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6,
+               "hr_second_pass_steps": 3}
+    status, _, body = _request(server.api("txt2img"), {**payload, "hr_checkpoint_name": title})
+    assert status == 200, body
+    served = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert served.size == (96, 96)
+
+    pipe, second = sdrt.Pipeline(default_model_path()), sdrt.Pipeline(bundle)
+    pipe.set_hires_checkpoint(second)
+    fields = {k: v for k, v in payload.items() if k != "prompt"}
+    expected = pipe("a blue square", **fields, hr_checkpoint_name=second.refiner_title(second))[0]
+    assert np.array_equal(np.asarray(served.convert("RGB")), np.asarray(expected.image.convert("RGB")))
+    assert png.parse_infotext(served.info["parameters"])[2]["Hires checkpoint"] == second.refiner_title(second)
+    # The server's own model: the same image as "Use same checkpoint", its name in the PNG text
+    own = models[0]["title"]
+    status, _, same = _request(server.api("txt2img"), {**payload, "hr_checkpoint_name": own})
+    status2, _, plain = _request(server.api("txt2img"), payload)
+    assert status == status2 == 200 and same["images"][0] != body["images"][0]
+    a, b = (Image.open(io.BytesIO(base64.b64decode(r["images"][0]))) for r in (same, plain))
+    assert a.tobytes() == b.tobytes()
+    assert "Hires checkpoint" in png.parse_infotext(a.info["parameters"])[2]
+    status, _, body = _request(server.api("txt2img"), {**payload, "hr_checkpoint_name": "nope"})
+    assert status == 422 and "hr_checkpoint_name: unknown model" in body["detail"]

@@ -86,6 +86,12 @@ def with_mask_weight(fields: dict, weight: float) -> dict:
     return out
 
 
+
+def short_title(pipe: Pipeline) -> str:
+    """A model's name as the webui's infotext writes it (its checkpoint's ``short_title``: name [hash])."""
+    b = pipe.bundle
+    return f"{b.name} [{b.model_hash}]" if b.model_hash else b.name
+
 class Pipeline:
     """A bundle's sessions serving any number of generations: loaded once (``memory="normal"``),
     or for their stage only (``"med"``: the text encoder and VAE; ``"low"``: every graph).
@@ -155,13 +161,9 @@ class Pipeline:
                             f"({refiner.bundle.latent_channels} vs {self.bundle.latent_channels} channels)")
 
     def refiner_title(self, refiner: Pipeline | None = None) -> str | None:
-        """The name of the refiner (``refiner``, else the one attached) as the webui's infotext writes
-        it (``short_title``: name [hash])."""
+        """The name of the refiner (``refiner``, else the one attached) as the webui's infotext writes it."""
         refiner = refiner if refiner is not None else self.refiner
-        if refiner is None:
-            return None
-        b = refiner.bundle
-        return f"{b.name} [{b.model_hash}]" if b.model_hash else b.name
+        return None if refiner is None else short_title(refiner)
 
     def check_refiner(self, p: GenerationParams, refiner: Pipeline | None = None) -> bool:
         """Whether ``p`` uses the refiner (the webui: ``refiner_checkpoint`` names one; its

@@ -34,7 +34,7 @@ from sdrt.runtime import __version__, png
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.pipeline import GenerationParams, Img2imgParams, Pipeline, Plan
 from sdrt.runtime.pipeline.outpaint import SCRIPTS, grown_size
-from sdrt.runtime.pipeline.txt2img import GeneratedImage
+from sdrt.runtime.pipeline.txt2img import GeneratedImage, short_title
 from sdrt.runtime.pipeline.upscale import LATENT_MODES, PIXEL_UPSCALERS
 from sdrt.runtime.sampling import SAMPLERS, SCHEDULES
 from sdrt.runtime.serve.schema import openapi_body, request_schema
@@ -52,6 +52,14 @@ class ModelEntry:
     filename: str
     hash: str | None = None
     sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The models a request names besides the server's own (``Server.request_models``)."""
+
+    refiner: Pipeline | None = None  # refiner_checkpoint
+    hires: Pipeline | None = None  # hr_checkpoint_name: hires fix's second pass
 
 
 @dataclass
@@ -181,6 +189,7 @@ class Server:
         self.settings = dict(_SETTINGS)
         self.preview = dict(_PREVIEW)
         self.sd_vae = "Automatic"
+        self._kept: dict[str, tuple[ModelEntry, str, Pipeline]] = {}  # field -> (entry, sd_vae, pipeline)
         self.model = self.find_model(config.model) if config.model else self._first_model()
         self.worker = Worker(config.load(self.model, self.sd_vae), config.queue_size)
 
@@ -200,38 +209,45 @@ class Server:
                 return m
         raise SdrtError(f"{field}: unknown model {name!r}; GET /sdapi/v1/sd-models lists them")
 
-    # -- the refiner --
+    # -- the models a request names besides the server's own --
 
-    async def refiner(self, payload: dict) -> Pipeline | None:
-        """The pipeline of the model a request's ``refiner_checkpoint`` names (None for none): a
-        checkpoint of the catalog, as the webui resolves it among its checkpoints. Loaded in the worker
-        between jobs (exporting a checkpoint on first use); one refiner is kept loaded, as the webui
-        keeps one model besides the main one."""
-        name = payload.get("refiner_checkpoint")
-        if name in (None, "", "None", "none"):
+    async def request_models(self, payload: dict) -> RequestModels:
+        """The pipelines of the models a request names in ``refiner_checkpoint`` (the webui's Refiner)
+        and ``hr_checkpoint_name`` (hires fix's second pass): checkpoints of the catalog, resolved as
+        the webui resolves them among its checkpoints; the server's own model is its pipeline."""
+        return RequestModels(await self._second_model(payload, "refiner_checkpoint", "None"),
+                             await self._second_model(payload, "hr_checkpoint_name", self.sd_vae))
+
+    async def _second_model(self, payload: dict, field: str, vae: str) -> Pipeline | None:
+        """Loaded in the worker between jobs (exporting a checkpoint on first use); one model is kept
+        per field, as the webui keeps one model besides the main one. The refiner decodes with its own
+        VAE (as ``sdrt generate --refiner``); the hires checkpoint gets the server's ``sd_vae``, which
+        the webui applies to every model it loads."""
+        name = payload.get(field)
+        if name in (None, "", "None", "none", "Use same checkpoint"):
             return None
-        entry = self.find_model(name, "refiner_checkpoint")
-        kept = self._refiner
-        if kept is not None and kept[0] == entry:
-            return kept[1]
+        entry = self.find_model(name, field)
+        if entry == self.model:
+            return self.worker.pipeline
+        kept = self._kept.get(field)
+        if kept is not None and kept[:2] == (entry, vae):
+            return kept[2]
 
         def load(pipe, job):
-            self._refiner = None  # the old one goes before the new one loads
-            loaded = self.config.load(entry, "None")  # the webui's refiner decodes with its own VAE
-            self._refiner = (entry, loaded)
+            self._kept.pop(field, None)  # the old one goes before the new one loads
+            loaded = self.config.load(entry, vae)
+            self._kept[field] = (entry, vae, loaded)
             return loaded
 
-        return await self.run(f"load refiner {entry.title}", load)
-
-    _refiner: tuple[ModelEntry, Pipeline] | None = None
+        return await self.run(f"load {entry.title} ({field})", load)
 
     # -- generation --
 
     def params(self, payload: dict, kind: type[GenerationParams] = GenerationParams,
-               refiner: Pipeline | None = None) -> GenerationParams:
+               models: RequestModels = RequestModels()) -> GenerationParams:
         """A webui txt2img (or img2img: ``kind``) payload over the server's options, checked against the
-        limits; ``refiner``: the pipeline its ``refiner_checkpoint`` names (``Server.refiner``), which the
-        request is checked against and then names by its title."""
+        limits; ``models``: the pipelines its ``refiner_checkpoint`` and ``hr_checkpoint_name`` name
+        (``Server.request_models``), which the request is checked against and then names by title."""
         _check_numbers(payload)
         payload = dict(payload)
         if payload.get("sampler_name") and "sampler_index" in payload:
@@ -264,11 +280,21 @@ class Server:
             if isinstance(value, int) and value * 8 > c.max_pixels:
                 raise SdrtError(f"{name} {value} is too large for {c.max_pixels} pixels (--max-pixels)")
         pipe = self.worker.pipeline
-        if refiner is not None:  # named as the infotext writes it: the catalog's name may be a file's
-            params = params.replace(refiner_checkpoint=pipe.refiner_title(refiner))
+        refiner, hires = models.refiner, models.hires
+        checked = params
+        if refiner is pipe:  # the webui does not switch to the model it is running (apply_refiner)
+            params = checked = params.replace(refiner_checkpoint=None)
+        elif refiner is not None:  # named as the infotext writes it: the catalog's name may be a file's
+            params = params.replace(refiner_checkpoint=short_title(refiner))
             pipe.check_refiner(params, refiner)
-        # every check of the runtime, before queueing (the refiner's, above: the job attaches it)
-        plan = pipe.plan(params.replace(refiner_checkpoint=None) if refiner is not None else params)
+            checked = checked.replace(refiner_checkpoint=None)
+        if hires is not None:
+            if not hasattr(pipe, "set_hires_checkpoint"):
+                raise SdrtError(f"hr_checkpoint_name: {pipe.bundle.name} has no VAE encoder, which hires fix needs")
+            params = params.replace(hr_checkpoint_name=short_title(hires))
+            checked = params if hires is pipe else checked.replace(hr_checkpoint_name=None)
+        # every check of the runtime, before queueing (the job attaches the models checked above)
+        plan = pipe.plan(checked)
         if params.batch_size * params.n_iter > c.max_batch:
             raise SdrtError(f"batch_size x n_iter must be at most {c.max_batch} (--max-batch), "
                             f"got {params.batch_size} x {params.n_iter}")
@@ -296,9 +322,12 @@ class Server:
             raise SdrtError(f"sd_vae: choose one of {', '.join(choices)} (GET /sdapi/v1/sd-vae), got {vae!r}")
 
     def generate(self, pipe: Pipeline, job: Job, params: GenerationParams,
-                 refiner: Pipeline | None = None) -> tuple[Plan, list[GeneratedImage]]:
-        if refiner is not None:  # in the worker thread: the request's refiner, for this job
-            pipe.set_refiner(refiner)
+                 models: RequestModels = RequestModels()) -> tuple[Plan, list[GeneratedImage]]:
+        # in the worker thread: the models the request names, for this job
+        if models.refiner not in (None, pipe):
+            pipe.set_refiner(models.refiner)
+        if models.hires not in (None, pipe):
+            pipe.set_hires_checkpoint(models.hires)
         plan = pipe.plan(params)
 
         def on_step(event):  # in the worker thread, between two steps: the pipeline is free
@@ -547,11 +576,11 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.post(f"{api}/txt2img", openapi_extra=openapi_body(request_schema(GenerationParams)))
     async def txt2img(request: Request, payload: Annotated[dict, Body()]):
-        refiner = await server.refiner(payload)
-        params = server.params(payload, refiner=refiner)
+        models = await server.request_models(payload)
+        params = server.params(payload, models=models)
 
         def run(pipe, job):
-            plan, images = server.generate(pipe, job, params, refiner)
+            plan, images = server.generate(pipe, job, params, models)
             return {"images": [_encode_png(im) for im in images], "parameters": payload,
                     "info": json.dumps(server.info(pipe, job, plan, images))}
 
@@ -567,13 +596,13 @@ def create_app(config: ServeConfig) -> FastAPI:
         decoded = [_decode_image(im, f"init_images[{i}]", 4 * config.max_pixels) for i, im in enumerate(images)]
         mask = payload.get("mask")  # inpainting: a base64 image; None or "" for none, as the webui
         mask = _decode_image(mask, "mask", 4 * config.max_pixels) if mask not in (None, "") else None
-        refiner = await server.refiner(payload)
-        params = server.params({**payload, "init_images": decoded, "mask": mask}, Img2imgParams, refiner)
+        models = await server.request_models(payload)
+        params = server.params({**payload, "init_images": decoded, "mask": mask}, Img2imgParams, models)
         # the webui's response leaves the request's images out unless include_init_images
         shown = payload if payload.get("include_init_images") else {**payload, "init_images": None, "mask": None}
 
         def run(pipe, job):
-            plan, images = server.generate(pipe, job, params, refiner)
+            plan, images = server.generate(pipe, job, params, models)
             return {"images": [_encode_png(im) for im in images], "parameters": shown,
                     "info": json.dumps(server.info(pipe, job, plan, images))}
 
@@ -597,11 +626,11 @@ def create_app(config: ServeConfig) -> FastAPI:
             if not (x and w.isdigit() and h.isdigit()):
                 raise SdrtError(f"size must be WIDTHxHEIGHT, got {size!r}")
             webui.update(width=int(w), height=int(h))
-        refiner = await server.refiner(payload)
-        params = server.params({**payload, **webui}, refiner=refiner)
+        models = await server.request_models(payload)
+        params = server.params({**payload, **webui}, models=models)
 
         def run(pipe, job):
-            _, images = server.generate(pipe, job, params, refiner)
+            _, images = server.generate(pipe, job, params, models)
             return {"created": int(time.time()),
                     "data": [{"b64_json": _encode_png(im), "revised_prompt": params.prompt} for im in images]}
 
