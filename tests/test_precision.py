@@ -20,11 +20,17 @@ from sdrt.runtime.precision import int8_saturates
 
 from conftest import run_sdrt
 
-# PSNR figures below were measured on an x86-64 CPU with AVX-512 VNNI (int8 products exact) with
-# ONNX Runtime 1.32: each is asserted within MARGIN dB of its measured value. Where int8 products
-# saturate (no VNNI) the int8 figures were not measured; there only a wider band is asserted.
+# PSNR figures below were measured with ONNX Runtime 1.32 on two kinds of x86-64 CPU: one with
+# AVX-512 VNNI (int8 products exact) and an AVX2-only AMD EPYC (Zen 3), whose int8 products saturate
+# (ONNX Runtime's u8 x s8 kernels sum pairs in int16 there; runtime/precision.py int8_saturates).
+# Each is asserted within MARGIN dB of the figure measured on this kind of CPU.
 MARGIN = 3.0
-INT8_MARGIN = MARGIN if not int8_saturates() else 12.0
+SATURATES = int8_saturates()
+
+
+def on_this_cpu(vnni: float, saturating: float) -> float:
+    """The figure measured on this kind of CPU: with exact int8 products, or saturating ones."""
+    return saturating if SATURATES else vnni
 
 
 def assert_db(value, measured: float, margin: float = MARGIN) -> None:
@@ -88,7 +94,7 @@ def test_quantize_int8_shares_what_it_keeps(tmp_path):
              "context": rng.standard_normal((1, 8, 64)).astype(np.float32)}
     ref, ours = Session(src).run(feeds), Session(dst).run(feeds)
     np.testing.assert_array_equal(ref["ctx_out"], ours["ctx_out"])
-    assert_db(psnr(ref["out"], ours["out"]), 52.4, INT8_MARGIN)  # quantized: close, not equal (52.43)
+    assert_db(psnr(ref["out"], ours["out"]), 52.4)  # quantized: close, not equal (52.43 on both kinds of CPU)
 
 
 def _conv_model(tmp_path: Path) -> Path:
@@ -134,7 +140,7 @@ def test_quantize_int8_static(tmp_path):
 
     feeds = {"sample": np.random.default_rng(2).standard_normal((1, 4, 16, 16)).astype(np.float32)}  # held out
     ref, ours = Session(src).run(feeds)["out_sample"], Session(dst).run(feeds)["out_sample"]
-    assert_db(psnr(ref, ours), 53.2, INT8_MARGIN)  # quantized: close, not equal (53.15)
+    assert_db(psnr(ref, ours), 53.2)  # quantized: close, not equal (53.15 on both kinds of CPU)
 
 
 def test_export_writes_and_measures_each_precision(precise_bundle):
@@ -152,11 +158,13 @@ def test_export_writes_and_measures_each_precision(precise_bundle):
     int8 = m["precisions"]["cpu"]["int8"]
     runs = int8["fidelity"]["runs"]
     assert [r["sampler"] for r in runs] == ["Euler a", "DPM++ 2M"]
-    # measured: Euler a 50.10, DPM++ 2M 53.21 dB (dynamic); 23.37, 27.82 dB (static)
-    for r, measured in zip(runs, (50.1, 53.2)):
-        assert_db(r["image_psnr"], measured, INT8_MARGIN)
-    for r, measured in zip(m["precisions"]["cpu"]["int8-static"]["fidelity"]["runs"], (23.4, 27.8)):
-        assert_db(r["image_psnr"], measured, INT8_MARGIN)
+    # measured: Euler a 50.10, DPM++ 2M 53.21 dB (dynamic); 23.37, 27.82 dB (static) with VNNI;
+    # 31.55, 34.16 and 22.42, 25.62 dB where int8 products saturate
+    for r, measured in zip(runs, (on_this_cpu(50.1, 31.6), on_this_cpu(53.2, 34.2))):
+        assert_db(r["image_psnr"], measured)
+    for r, measured in zip(m["precisions"]["cpu"]["int8-static"]["fidelity"]["runs"],
+                           (on_this_cpu(23.4, 22.4), on_this_cpu(27.8, 25.6))):
+        assert_db(r["image_psnr"], measured)
     worst = min(99.0 if r["image_psnr"] is None else r["image_psnr"] for r in runs)
     assert int8["default"] == (worst >= precision.DEFAULT_MIN_PSNR)
     assert m["precisions"]["cuda"]["fp16"] == {**m["precisions"]["cuda"]["fp16"], "fidelity": None, "default": False}
@@ -184,7 +192,7 @@ def test_runtime_picks_the_precision(precise_bundle, tmp_path):
     p = GenerationParams("a red circle", steps=4, seed=3, sampler_name="DPM++ 2M")
     int8 = np.asarray(pipe.generate(p)[0].image, dtype=np.float64)
     fp32 = np.asarray(Pipeline(bundle, precision="fp32").generate(p)[0].image, dtype=np.float64)
-    assert_db(psnr(fp32, int8, peak=255.0), 50.4, INT8_MARGIN)  # measured 50.40
+    assert_db(psnr(fp32, int8, peak=255.0), on_this_cpu(50.4, 38.1))  # measured 50.40 (VNNI), 38.10
 
     # auto: fp32 unless the export's measurement made int8 the CPU default
     copy = shutil.copytree(bundle, tmp_path / "copy")
@@ -210,7 +218,7 @@ def test_runtime_picks_the_precision(precise_bundle, tmp_path):
     static = Pipeline(bundle, precision="int8-static")
     assert Path(static.unet.path).name == "model.cpu-int8-static.onnx"
     image = np.asarray(static.generate(p)[0].image, dtype=np.float64)
-    assert_db(psnr(fp32, image, peak=255.0), 23.5, INT8_MARGIN)  # measured 23.50
+    assert_db(psnr(fp32, image, peak=255.0), on_this_cpu(23.5, 22.3))  # measured 23.50 (VNNI), 22.29
 
 
 def test_auto_int8_only_where_its_measurement_holds(precise_bundle, tmp_path, monkeypatch):
@@ -291,7 +299,7 @@ def test_verify_measures_a_precision_against_torch(precise_bundle, tiny_checkpoi
     int8 = verify_bundle(bundle, tiny_checkpoint, p, precision="int8")
     assert int8["request"]["precision"] == "int8" and fp32["request"]["precision"] == "fp32"
     assert fp32["stages"]["unet"]["psnr"] > 80
-    assert_db(int8["stages"]["unet"]["psnr"], 48.6, INT8_MARGIN)  # measured 48.58
+    assert_db(int8["stages"]["unet"]["psnr"], on_this_cpu(48.6, 39.0))  # measured 48.58 (VNNI), 38.98
     assert int8["stages"]["text_encoder"]["psnr"] == fp32["stages"]["text_encoder"]["psnr"]  # fp32 in both
 
 
@@ -333,10 +341,11 @@ def test_int8_static_quantizes_the_vae_decoder(mixed_bundle):
     effects = static["fidelity"]["components"]
     assert set(effects) == {"unet", "vae_decoder"}
     assert effects["vae_decoder"]["graph"] == vae["path"]
-    # measured: the UNet's own 23.37 / 27.68 dB, the VAE decoder's own 43.13 / 43.98 dB
-    assert_db(effects["unet"]["image_psnr"], 23.4, INT8_MARGIN)
-    assert_db(effects["vae_decoder"]["image_psnr"], 43.1, INT8_MARGIN)
-    assert effects["vae_decoder"]["default"] and not effects["unet"]["default"]
+    # measured: the UNet's own 23.37 / 27.68 dB, the VAE decoder's own 43.13 / 43.98 dB with VNNI;
+    # 23.93 and 28.25 dB where int8 products saturate (the decoder's own effect then misses the bar)
+    assert_db(effects["unet"]["image_psnr"], on_this_cpu(23.4, 23.9))
+    assert_db(effects["vae_decoder"]["image_psnr"], on_this_cpu(43.1, 28.3))
+    assert effects["vae_decoder"]["default"] is not SATURATES and not effects["unet"]["default"]
     assert [r["sampler"] for r in effects["vae_decoder"]["runs"]] == ["Euler a", "DPM++ 2M"]
     # the VAE decoder's int8 graph alone, on the latents of a request neither calibration nor measurement used
     pipe = Pipeline(bundle, precision="fp32")
@@ -345,7 +354,7 @@ def test_int8_static_quantizes_the_vae_decoder(mixed_bundle):
     latents = pipe.sample(plan, plan.batches[0], *pipe.conditioning(plan))
     fp32 = pipe.decode_float(latents)
     pipe.vae_decoder = Session(bundle / vae["path"])
-    assert_db(psnr(fp32, pipe.decode_float(latents), peak=1.0), 42.9, INT8_MARGIN)
+    assert_db(psnr(fp32, pipe.decode_float(latents), peak=1.0), on_this_cpu(42.9, 28.6))
 
 
 def test_mixed_precision_is_chosen_by_measurement(mixed_bundle, tmp_path, monkeypatch):
@@ -358,8 +367,14 @@ def test_mixed_precision_is_chosen_by_measurement(mixed_bundle, tmp_path, monkey
     bundle, stdout = mixed_bundle
     m = json.loads((bundle / "sdrt.json").read_text())
     mixed = m["precisions"]["cpu"]["mixed"]
+    if SATURATES:
+        # No int8 variant held the bar on its own here (the UNet's int8 31.6 dB, the VAE decoder's
+        # int8-static 28.3 dB): mixed is fp32, opt-in and not measured, and auto runs fp32
+        assert mixed["components"] == {} and mixed.get("fidelity") is None and not mixed["default"]
+        assert Pipeline(bundle).precision == "fp32"
+        return
     assert {k: v["precision"] for k, v in mixed["components"].items()} == {"unet": "int8", "vae_decoder": "int8-static"}
-    assert_db(mixed["fidelity"]["image_psnr"], 43.1, INT8_MARGIN)  # measured 43.14 (Euler a 43.98)
+    assert_db(mixed["fidelity"]["image_psnr"], 43.1)  # measured 43.14 (Euler a 43.98)
     assert mixed["default"] is (mixed["fidelity"]["image_psnr"] >= precision.DEFAULT_MIN_PSNR)
     assert "mixed (cpu, unet int8, vae_decoder int8-static): final image" in stdout
     if not mixed["default"] or m["precisions"]["cpu"]["int8-static"]["default"]:
