@@ -21,6 +21,7 @@ import torch
 
 from sdrt.export import convert, load, provenance
 from sdrt.export import graphs as onnx_export
+from sdrt.export import optimum as optimum_graph
 from sdrt.export import quantize as precision_mod
 from sdrt.export.configs import (
     architecture_of,
@@ -281,28 +282,35 @@ def _write_bundle(unet, vae, text_encoders: dict, configs, tmp: Path, source: di
     names = [n for n in COMPONENTS if n in graphs]
     sizes = onnx_export.example_sizes()
     steps = len(names) + 1
-    optimized = {}
+    optimized, graph_paths = {}, {}
     for i, name in enumerate(names):
         if progress:
             progress(f"exporting {name}", i, steps)
-        path = onnx_export.export_component(graphs[name], component_specs[name], sizes, tmp / name)
+        filename = manifests.EMBEDS_GRAPH if name in text_encoders else "model.onnx"
+        graph_paths[name] = f"{name}/{filename}"
+        path = onnx_export.export_component(graphs[name], component_specs[name], sizes, tmp / name, filename)
         (tmp / name / "config.json").write_text(json.dumps(_component_config(name, configs), indent=2) + "\n")
+        if name in text_encoders:  # the token-id graph written below shares these weights
+            onnx_export.externalize(path)
         if optimize:
             optimized[name] = _optimize_component(path)
     if progress:
         progress("writing tokenizer and scheduler", len(names), steps)
 
     # Token embeddings are looked up by the runtime and fed to the text encoder graphs
+    tables = {}
     for name, module in text_encoders.items():
         table = module.get_input_embeddings().weight.detach().to(torch.float32).numpy()
         half = table.astype(np.float16)
         if np.array_equal(half.astype(np.float32), table):  # an fp16 checkpoint's table: same values, half the bytes
             table = half
         np.save(tmp / _TOKEN_TABLES[name], table)
-    projection = None
+        tables[name] = table
+    projection = projection_matrix = None
     if "text_encoder_2" in text_encoders:  # OpenCLIP bigG's pooled output: h_eos @ P, P = [hidden, projection]
         weight = text_encoders["text_encoder_2"].text_projection.weight.detach().to(torch.float32)
-        np.save(tmp / manifests.TEXT_PROJECTION, np.ascontiguousarray(weight.T.numpy()))
+        projection_matrix = np.ascontiguousarray(weight.T.numpy())
+        np.save(tmp / manifests.TEXT_PROJECTION, projection_matrix)
         projection = manifests.TEXT_PROJECTION
 
     if tokenizer_dir is not None and (tokenizer_dir / "vocab.json").exists():
@@ -317,6 +325,16 @@ def _write_bundle(unet, vae, text_encoders: dict, configs, tmp: Path, source: di
             shutil.copytree(second, tmp / "tokenizer_2")
         else:
             tokenizer.write_files(tmp / "tokenizer_2")
+    # The graphs optimum's pipelines run (text_encoder*/model.onnx): sdrt's, fed with token ids
+    token_ids = {}
+    for name in text_encoders:
+        pooled = projection_matrix if name == "text_encoder_2" else None
+        ids_spec = optimum_graph.ids_spec(configs[name]["hidden_size"], configs[name]["num_hidden_layers"], name=name,
+                                          raw_states=raw_states, projection_dim=None if pooled is None
+                                          else pooled.shape[1])
+        optimum_graph.write_ids_graph(tmp / graph_paths[name], tmp / manifests.component_path(name), ids_spec,
+                                      tables[name], tokenizer.eos_id, pooled)
+        token_ids[name] = manifests.TokenIdsGraph(manifests.component_path(name), ids_spec)
     sched = dict(configs["scheduler"])
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
@@ -349,8 +367,8 @@ def _write_bundle(unet, vae, text_encoders: dict, configs, tmp: Path, source: di
         scheduler=manifests.Scheduler(*(sched[k] for k in manifests.Scheduler.__dataclass_fields__)),
         text_encoder=info("text_encoder"),
         text_encoder_2=info("text_encoder_2"),
-        components={name: manifests.Component(manifests.component_path(name), "fp32", component_specs[name],
-                                              optimized.get(name, {}))
+        components={name: manifests.Component(graph_paths[name], "fp32", component_specs[name],
+                                              optimized.get(name, {}), token_ids.get(name))
                     for name in names},
         source=manifests.Source(**source),
         exporter={
