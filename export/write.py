@@ -35,7 +35,7 @@ from sdrt.runtime import spec as specs
 from sdrt.runtime.bundle import COMPONENTS, MANIFEST, file_sha256
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.precision import PRECISION_KINDS, PRECISIONS
-from sdrt.runtime.text.tokenizer import ClipTokenizer
+from sdrt.runtime.text.tokenizer import EOS_TOKEN, ClipTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,13 @@ def _save_manifest(bundle_dir: Path, manifest: manifests.Manifest) -> None:
 # token (the webui's FrozenOpenCLIPEmbedder*WithCustomWords), CLIP ViT-L with eos
 _TOKEN_TABLES = {"text_encoder": manifests.TOKEN_EMBEDDINGS, "text_encoder_2": manifests.TOKEN_EMBEDDINGS_2}
 _OPENCLIP_PAD = 0
+_OPENCLIP_PAD_TOKEN = "!"  # id 0, the pad token of the published SD 2.x and SDXL tokenizers
+
+
+def _pad_token(architecture: str, conf: dict | None) -> str:
+    """The pad token of a written ``tokenizer/`` folder: OpenCLIP's for SD 2.x, the end token otherwise."""
+    openclip = architecture != "sd1" and conf is not None and conf.get("hidden_act") == "gelu"
+    return _OPENCLIP_PAD_TOKEN if openclip else EOS_TOKEN
 
 
 def _write_bundle(unet, vae, text_encoders: dict, configs, tmp: Path, source: dict,
@@ -318,13 +325,14 @@ def _write_bundle(unet, vae, text_encoders: dict, configs, tmp: Path, source: di
         tokenizer = ClipTokenizer.from_dir(tmp / "tokenizer")
     else:
         tokenizer = ClipTokenizer.default()
-        tokenizer.write_files(tmp / "tokenizer")
+        # diffusers' pipelines pad with the tokenizer's pad token: OpenCLIP's is "!" (id 0)
+        tokenizer.write_files(tmp / "tokenizer", pad_token=_pad_token(architecture, configs.get("text_encoder")))
     if "text_encoder_2" in text_encoders:  # the optimum / diffusers SDXL layout has a second tokenizer folder
         second = tokenizer_dir.parent / "tokenizer_2" if tokenizer_dir is not None else None
         if second is not None and (second / "vocab.json").exists():
             shutil.copytree(second, tmp / "tokenizer_2")
         else:
-            tokenizer.write_files(tmp / "tokenizer_2")
+            tokenizer.write_files(tmp / "tokenizer_2", pad_token=_OPENCLIP_PAD_TOKEN)
     # The graphs optimum's pipelines run (text_encoder*/model.onnx): sdrt's, fed with token ids
     token_ids = {}
     for name in text_encoders:
