@@ -10,6 +10,9 @@ a tiny SDXL bundle and the shipped default bundle:
   the pooled vector);
 - optimum's image equals diffusers' PyTorch pipeline on the same weights, scheduler (the bundle's
   scheduler config) and starting latents (the default bundle: an image, not a flat field).
+
+The other way, without optimum: an SDXL bundle in optimum's layout (sdrt's token-id graphs, no
+``sdrt.json``) generates in sdrt as the sdrt bundle does, its pooled vector read from ``text_embeds``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ OPTIMUM_PACKAGES = Path(os.environ.get("SDRT_OPTIMUM_PACKAGES", Path(sys.prefix)
 WORKER = Path(__file__).parent / "optimum_worker.py"
 PROMPT, NEGATIVE, STEPS, GUIDANCE = "a photo of a cat, best quality", "blurry", 6, 7.0
 
-pytestmark = pytest.mark.skipif(
+needs_optimum = pytest.mark.skipif(
     not (OPTIMUM_PACKAGES / "optimum" / "onnxruntime").is_dir(),
     reason=f"optimum is not installed at {OPTIMUM_PACKAGES}: pip install --no-deps --target .venv/optimum "
            "-r constraints/optimum.txt (README)")
@@ -108,6 +111,7 @@ def diffusers_image(pipeline_cls, bundle: Path, latent: np.ndarray, **modules) -
                     latents=torch.from_numpy(latent), height=h, width=w, output_type="np").images[0]
 
 
+@needs_optimum
 def test_sd1_text_encoder_matches_sdrt(optimum_runs, tiny_bundle):
     runs, _ = optimum_runs
     cond, _ = sdrt_conditioning(tiny_bundle, PROMPT)
@@ -116,6 +120,7 @@ def test_sd1_text_encoder_matches_sdrt(optimum_runs, tiny_bundle):
     np.testing.assert_allclose(runs["sd1"]["negative_prompt_embeds"][0], uncond, rtol=1e-5, atol=1e-5)
 
 
+@needs_optimum
 def test_sd1_image_matches_diffusers(optimum_runs, tiny_bundle, tiny_modules):
     from diffusers import StableDiffusionPipeline
 
@@ -130,6 +135,7 @@ def test_sd1_image_matches_diffusers(optimum_runs, tiny_bundle, tiny_modules):
     assert psnr(image, ref) >= 60.0
 
 
+@needs_optimum
 def test_sdxl_text_encoders_match_sdrt(optimum_runs, sdxl):
     runs, _ = optimum_runs
     for text, states, pooled in ((PROMPT, "prompt_embeds", "pooled_prompt_embeds"),
@@ -139,6 +145,7 @@ def test_sdxl_text_encoders_match_sdrt(optimum_runs, sdxl):
         np.testing.assert_allclose(runs["sdxl"][pooled][0], vector, rtol=1e-5, atol=1e-5)
 
 
+@needs_optimum
 def test_sdxl_image_matches_diffusers(optimum_runs, sdxl):
     from diffusers import StableDiffusionXLPipeline
 
@@ -152,6 +159,7 @@ def test_sdxl_image_matches_diffusers(optimum_runs, sdxl):
     assert psnr(image, ref) >= 60.0
 
 
+@needs_optimum
 def test_default_bundle_runs_in_optimum(optimum_runs):
     from sdrt.models import default_model_path
 
@@ -160,3 +168,27 @@ def test_default_bundle_runs_in_optimum(optimum_runs):
     np.testing.assert_allclose(runs["default"]["prompt_embeds"][0], cond, rtol=1e-5, atol=1e-5)
     image = runs["default"]["image"]
     assert image.shape == (128, 128, 3) and image.std() > 0.05
+
+
+def test_sdxl_bundle_in_optimum_layout_generates_in_sdrt(sdxl, tmp_path):
+    """No sdrt.json, no token tables, no text projection: sdrt infers the bundle as optimum's and
+    reads the penultimate states from ``hidden_states.{L-1}`` and the pooled vector from ``text_embeds``."""
+    import shutil
+
+    from sdrt.runtime.bundle import open_bundle
+    from sdrt.runtime.pipeline.txt2img import GenerationParams, Pipeline
+
+    native = sdxl[1]
+    layout = tmp_path / "optimum-layout"
+    shutil.copytree(native, layout, ignore=shutil.ignore_patterns("sdrt.json", "*.npy", "model.*.onnx",
+                                                                   "provenance.json"))
+    b = open_bundle(layout)
+    assert b.manifest["format"] == "optimum" and b.architecture == "sdxl"
+    for text in (PROMPT, NEGATIVE):
+        (cond, pooled), (ref_cond, ref_pooled) = sdrt_conditioning(layout, text), sdrt_conditioning(native, text)
+        np.testing.assert_allclose(cond, ref_cond, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(pooled, ref_pooled, rtol=1e-5, atol=1e-5)
+    p = GenerationParams(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, sampler_name="Euler", seed=1, width=64,
+                         height=64)
+    a = np.asarray(Pipeline(layout).generate(p)[0].image)
+    assert psnr(a, np.asarray(Pipeline(native).generate(p)[0].image), 255.0) >= 60.0
