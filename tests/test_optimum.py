@@ -52,13 +52,12 @@ def latents(bundle: Path, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    """A tiny SDXL model: (its torch modules, its sdrt bundle)."""
-    from sdrt.export.tiny import random_bundle, random_modules, scaled_sdxl_configs
+def sdxl(sdxl_bundle):
+    """The tiny SDXL model (conftest's): (its torch modules, its sdrt bundle)."""
+    from sdrt.export.tiny import random_modules
 
-    configs = scaled_sdxl_configs()
-    path = random_bundle(configs, tmp_path_factory.mktemp("optimum") / "sdxl", optimize=False)
-    return random_modules(configs, seed=0), path
+    configs, path = sdxl_bundle
+    return random_modules(configs, seed=3), path
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +131,7 @@ def test_sd1_image_matches_diffusers(optimum_runs, tiny_bundle, tiny_modules):
     image = runs["sd1"]["image"]
     assert str(runs["sd1"]["scheduler"]) == "PNDMScheduler" and image.shape == ref.shape
     assert image.std() > 0.02
-    assert psnr(image, ref) >= 60.0
+    assert psnr(image, ref) >= 90.0  # measured: 131.7 dB (SD 1.x), 130.4 dB (SDXL)
 
 
 @needs_optimum
@@ -156,7 +155,7 @@ def test_sdxl_image_matches_diffusers(optimum_runs, sdxl):
     image = runs["sdxl"]["image"]
     assert str(runs["sdxl"]["scheduler"]) == "EulerDiscreteScheduler" and image.shape == ref.shape
     assert image.std() > 0.02
-    assert psnr(image, ref) >= 60.0
+    assert psnr(image, ref) >= 90.0  # measured: 131.7 dB (SD 1.x), 130.4 dB (SDXL)
 
 
 @needs_optimum

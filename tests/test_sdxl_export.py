@@ -122,12 +122,6 @@ def sd2_bundle(tmp_path_factory):
     return configs, random_bundle(configs, tmp_path_factory.mktemp("sd2") / "b", seed=3)
 
 
-@pytest.fixture(scope="module")
-def sdxl_bundle(tmp_path_factory):
-    configs = scaled_sdxl_configs()
-    return configs, random_bundle(configs, tmp_path_factory.mktemp("sdxl") / "b", seed=3)
-
-
 def _session(path):
     from sdrt.runtime.backends.onnxruntime import session_options
 
