@@ -104,10 +104,11 @@ def _example_inputs(spec: ComponentSpec, sizes: dict[str, int]) -> tuple[torch.T
     return tuple(out)
 
 
-def export_component(module: nn.Module, spec: ComponentSpec, sizes: dict[str, int], out_dir: Path) -> Path:
-    """Export one graph to ``out_dir/model.onnx``, weights in ``model.onnx_data`` when over 2 GB."""
+def export_component(module: nn.Module, spec: ComponentSpec, sizes: dict[str, int], out_dir: Path,
+                     filename: str = "model.onnx") -> Path:
+    """Export one graph to ``out_dir/filename``, weights in ``model.onnx_data`` when over 2 GB."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model.onnx"
+    path = out_dir / filename
     args = _example_inputs(spec, sizes)
     module = module.eval()
     with torch.inference_mode(False), torch.no_grad():

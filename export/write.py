@@ -21,6 +21,7 @@ import torch
 
 from sdrt.export import convert, load, provenance
 from sdrt.export import graphs as onnx_export
+from sdrt.export import optimum as optimum_graph
 from sdrt.export import quantize as precision_mod
 from sdrt.export.configs import (
     architecture_of,
@@ -34,7 +35,7 @@ from sdrt.runtime import spec as specs
 from sdrt.runtime.bundle import COMPONENTS, MANIFEST, file_sha256
 from sdrt.runtime.errors import SdrtError
 from sdrt.runtime.precision import PRECISION_KINDS, PRECISIONS
-from sdrt.runtime.text.tokenizer import ClipTokenizer
+from sdrt.runtime.text.tokenizer import EOS_TOKEN, ClipTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,13 @@ def _save_manifest(bundle_dir: Path, manifest: manifests.Manifest) -> None:
 # token (the webui's FrozenOpenCLIPEmbedder*WithCustomWords), CLIP ViT-L with eos
 _TOKEN_TABLES = {"text_encoder": manifests.TOKEN_EMBEDDINGS, "text_encoder_2": manifests.TOKEN_EMBEDDINGS_2}
 _OPENCLIP_PAD = 0
+_OPENCLIP_PAD_TOKEN = "!"  # id 0, the pad token of the published SD 2.x and SDXL tokenizers
+
+
+def _pad_token(architecture: str, conf: dict | None) -> str:
+    """The pad token of a written ``tokenizer/`` folder: OpenCLIP's for SD 2.x, the end token otherwise."""
+    openclip = architecture != "sd1" and conf is not None and conf.get("hidden_act") == "gelu"
+    return _OPENCLIP_PAD_TOKEN if openclip else EOS_TOKEN
 
 
 def _write_bundle(unet, vae, text_encoders: dict, configs, tmp: Path, source: dict,
@@ -281,28 +289,35 @@ def _write_bundle(unet, vae, text_encoders: dict, configs, tmp: Path, source: di
     names = [n for n in COMPONENTS if n in graphs]
     sizes = onnx_export.example_sizes()
     steps = len(names) + 1
-    optimized = {}
+    optimized, graph_paths = {}, {}
     for i, name in enumerate(names):
         if progress:
             progress(f"exporting {name}", i, steps)
-        path = onnx_export.export_component(graphs[name], component_specs[name], sizes, tmp / name)
+        filename = manifests.EMBEDS_GRAPH if name in text_encoders else "model.onnx"
+        graph_paths[name] = f"{name}/{filename}"
+        path = onnx_export.export_component(graphs[name], component_specs[name], sizes, tmp / name, filename)
         (tmp / name / "config.json").write_text(json.dumps(_component_config(name, configs), indent=2) + "\n")
+        if name in text_encoders:  # the token-id graph written below shares these weights
+            onnx_export.externalize(path)
         if optimize:
             optimized[name] = _optimize_component(path)
     if progress:
         progress("writing tokenizer and scheduler", len(names), steps)
 
     # Token embeddings are looked up by the runtime and fed to the text encoder graphs
+    tables = {}
     for name, module in text_encoders.items():
         table = module.get_input_embeddings().weight.detach().to(torch.float32).numpy()
         half = table.astype(np.float16)
         if np.array_equal(half.astype(np.float32), table):  # an fp16 checkpoint's table: same values, half the bytes
             table = half
         np.save(tmp / _TOKEN_TABLES[name], table)
-    projection = None
+        tables[name] = table
+    projection = projection_matrix = None
     if "text_encoder_2" in text_encoders:  # OpenCLIP bigG's pooled output: h_eos @ P, P = [hidden, projection]
         weight = text_encoders["text_encoder_2"].text_projection.weight.detach().to(torch.float32)
-        np.save(tmp / manifests.TEXT_PROJECTION, np.ascontiguousarray(weight.T.numpy()))
+        projection_matrix = np.ascontiguousarray(weight.T.numpy())
+        np.save(tmp / manifests.TEXT_PROJECTION, projection_matrix)
         projection = manifests.TEXT_PROJECTION
 
     if tokenizer_dir is not None and (tokenizer_dir / "vocab.json").exists():
@@ -310,13 +325,24 @@ def _write_bundle(unet, vae, text_encoders: dict, configs, tmp: Path, source: di
         tokenizer = ClipTokenizer.from_dir(tmp / "tokenizer")
     else:
         tokenizer = ClipTokenizer.default()
-        tokenizer.write_files(tmp / "tokenizer")
+        # diffusers' pipelines pad with the tokenizer's pad token: OpenCLIP's is "!" (id 0)
+        tokenizer.write_files(tmp / "tokenizer", pad_token=_pad_token(architecture, configs.get("text_encoder")))
     if "text_encoder_2" in text_encoders:  # the optimum / diffusers SDXL layout has a second tokenizer folder
         second = tokenizer_dir.parent / "tokenizer_2" if tokenizer_dir is not None else None
         if second is not None and (second / "vocab.json").exists():
             shutil.copytree(second, tmp / "tokenizer_2")
         else:
-            tokenizer.write_files(tmp / "tokenizer_2")
+            tokenizer.write_files(tmp / "tokenizer_2", pad_token=_OPENCLIP_PAD_TOKEN)
+    # The graphs optimum's pipelines run (text_encoder*/model.onnx): sdrt's, fed with token ids
+    token_ids = {}
+    for name in text_encoders:
+        pooled = projection_matrix if name == "text_encoder_2" else None
+        ids_spec = optimum_graph.ids_spec(configs[name]["hidden_size"], configs[name]["num_hidden_layers"], name=name,
+                                          raw_states=raw_states, projection_dim=None if pooled is None
+                                          else pooled.shape[1])
+        optimum_graph.write_ids_graph(tmp / graph_paths[name], tmp / manifests.component_path(name), ids_spec,
+                                      tables[name], tokenizer.eos_id, pooled)
+        token_ids[name] = manifests.TokenIdsGraph(manifests.component_path(name), ids_spec)
     sched = dict(configs["scheduler"])
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
@@ -349,8 +375,8 @@ def _write_bundle(unet, vae, text_encoders: dict, configs, tmp: Path, source: di
         scheduler=manifests.Scheduler(*(sched[k] for k in manifests.Scheduler.__dataclass_fields__)),
         text_encoder=info("text_encoder"),
         text_encoder_2=info("text_encoder_2"),
-        components={name: manifests.Component(manifests.component_path(name), "fp32", component_specs[name],
-                                              optimized.get(name, {}))
+        components={name: manifests.Component(graph_paths[name], "fp32", component_specs[name],
+                                              optimized.get(name, {}), token_ids.get(name))
                     for name in names},
         source=manifests.Source(**source),
         exporter={

@@ -62,6 +62,11 @@ def component_path(name: str) -> str:
     return f"{name}/model.onnx"
 
 
+# sdrt's text encoder graph (fed with token embeddings) in the bundles it writes; the optimum
+# layout's ``model.onnx`` beside it is the same graph fed with token ids (``Component.token_ids``)
+EMBEDS_GRAPH = "model.embeds.onnx"
+
+
 def variant_key(kind: str, precision: str = "fp32") -> str:
     """The key of a component's optimized graph for a device kind and precision: ``cpu`` (fp32,
     fused), ``cpu-int8``, ``cpu-int8-static``, ``cuda-fp16``."""
@@ -127,16 +132,30 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class TokenIdsGraph:
+    """sdrt's text encoders: the graph optimum's and diffusers' ONNX pipelines run (``input_ids``
+    in, transformers' output names out; ``sdrt.export.optimum``). The runtime does not read it."""
+    path: str
+    spec: ComponentSpec
+
+    def to_json(self) -> dict:
+        return {"path": self.path, **self.spec.to_json()}
+
+
+@dataclass(frozen=True)
 class Component:
     path: str  # the portable graph: standard ONNX, what every execution provider runs
     precision: str = "fp32"
     spec: ComponentSpec | None = None  # the graph's I/O (sdrt bundles)
     optimized: dict[str, Variant] = field(default_factory=dict)
+    token_ids: TokenIdsGraph | None = None  # text encoders of sdrt bundles since the optimum graph
 
     def to_json(self) -> dict:
         d = {"path": self.path, "precision": self.precision, **(self.spec.to_json() if self.spec else {})}
         if self.optimized:
             d["optimized"] = {k: v.to_json() for k, v in self.optimized.items()}
+        if self.token_ids is not None:
+            d["token_ids"] = self.token_ids.to_json()
         return d
 
 
@@ -259,6 +278,8 @@ class Manifest:
         for n, c in self.components.items():
             out[f"components.{n}.path"] = c.path
             out |= {f"components.{n}.optimized.{k}.path": v.path for k, v in c.optimized.items()}
+            if c.token_ids is not None:
+                out[f"components.{n}.token_ids.path"] = c.token_ids.path
         for name, info in self.text_encoder_infos().items():
             for key in ("token_embeddings", "projection"):
                 if getattr(info, key) is not None:
@@ -424,7 +445,17 @@ def _component(f: _Fields, name: str, entries: dict) -> Component:
         optimized[key] = Variant(f.path(v, "path", vp), f.string(v, "precision", vp, default="fp32"),
                                  f.get(v, "custom_ops", vp, bool, "true or false", default=None),
                                  {k: x for k, x in v.items() if k not in ("path", "precision", "custom_ops")})
-    return Component(f.path(c, "path", prefix), f.string(c, "precision", prefix, default="fp32"), spec, optimized)
+    token_ids = None
+    if "token_ids" in c:
+        t = f.obj(c, "token_ids", prefix)
+        try:
+            ids_spec = ComponentSpec.from_json(name, t)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise f.fail(f"{prefix}token_ids", "is not an I/O spec (path, inputs/outputs of {name, dtype, shape})") \
+                from None
+        token_ids = TokenIdsGraph(f.path(t, "path", f"{prefix}token_ids."), ids_spec)
+    return Component(f.path(c, "path", prefix), f.string(c, "precision", prefix, default="fp32"), spec, optimized,
+                     token_ids)
 
 
 def _precision(f: _Fields, prefix: str, precision: str, records: dict) -> PrecisionRecord:

@@ -48,6 +48,15 @@ def tiny_bundle(tmp_path_factory, tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sdxl_bundle(tmp_path_factory):
+    """A tiny SDXL model's configs and its bundle (seeded random weights: ``random_modules(configs, seed=3)``)."""
+    from sdrt.export.tiny import random_bundle, scaled_sdxl_configs
+
+    configs = scaled_sdxl_configs()
+    return configs, random_bundle(configs, tmp_path_factory.mktemp("sdxl") / "b", seed=3)
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline(tiny_bundle):
     from sdrt.runtime.pipeline.txt2img import Pipeline
 

@@ -46,6 +46,10 @@ def test_round_trip(tiny_bundle):
     assert m.text_encoder.token_embeddings == "text_encoder/token_embeddings.npy"
     assert (m.text_encoder.bos_token_id, m.text_encoder.eos_token_id) == (49406, 49407)
     assert m.components["unet"].optimized["cpu"].custom_ops is True
+    # sdrt's text encoder graph and, beside it, the token-id graph optimum runs
+    te = m.components["text_encoder"]
+    assert te.path == "text_encoder/model.embeds.onnx" and te.token_ids.path == "text_encoder/model.onnx"
+    assert te.token_ids.spec.input_names == ["input_ids"] and te.spec.input_names == ["inputs_embeds"]
 
 
 def test_shipped_bundle_round_trips():
@@ -137,6 +141,9 @@ MALFORMED = [
     (_set("text_encoder.token_embeddings", 7), "text_encoder.token_embeddings", "must be a path"),
     (_set("text_encoder.token_embeddings", ""), "text_encoder.token_embeddings", "must be a path"),
     (_set("text_encoder.eos_token_id", -1), "text_encoder.eos_token_id", ">= 0"),
+    (_set("components.text_encoder.token_ids", "model.onnx"), "components.text_encoder.token_ids", "an object"),
+    (_set("components.text_encoder.token_ids.inputs", 3), "components.text_encoder.token_ids", "not an I/O spec"),
+    (_set("components.text_encoder.token_ids.path", ""), "components.text_encoder.token_ids.path", "must be a path"),
     (_set("precisions", {"cpu": {"int8": {"default": "yes"}}}), "precisions.cpu.int8.default", "true or false"),
     (_set("source", "tiny"), "source", "must be an object"),
 ]
@@ -164,6 +171,7 @@ def test_newer_format_version_is_refused(tiny_bundle, tmp_path):
     ("components.vae_decoder.optimized.cpu.path", "vae_decoder/../../outside.onnx"),
     ("text_encoder.token_embeddings", "/etc/passwd"),
     ("text_encoder.token_embeddings", "."),
+    ("components.text_encoder.token_ids.path", "../x/model.onnx"),
 ])
 def test_paths_outside_the_bundle_are_refused(tiny_bundle, tmp_path, field, target):
     if target == "another bundle":

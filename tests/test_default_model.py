@@ -71,9 +71,13 @@ def test_reexport_matches_the_shipped_bundle(tmp_path):
         "vae_decoder": {"latent_sample": rng.standard_normal((1, 4, 16, 16), dtype=np.float32)},
         "vae_encoder": {"sample": rng.uniform(-1, 1, (1, 3, 128, 128)).astype(np.float32)},
     }
+    paths = {name: c["path"] for name, c in shipped["components"].items()}
+    # The text encoder's token-id graph (what optimum runs) too
+    feeds["text_encoder_ids"] = {"input_ids": rng.integers(0, 49408, (2, 77))}
+    paths["text_encoder_ids"] = shipped["components"]["text_encoder"]["token_ids"]["path"]
     for name, feed in feeds.items():
-        a = Session(SOURCE_BUNDLE / name / "model.onnx").run(feed)
-        b = Session(fresh / name / "model.onnx").run(feed)
+        a = Session(SOURCE_BUNDLE / paths[name]).run(feed)
+        b = Session(fresh / paths[name]).run(feed)
         for key in a:
             assert np.abs(a[key] - b[key]).max() <= 1e-5, (name, key)
 

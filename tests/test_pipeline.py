@@ -18,7 +18,8 @@ from conftest import run_sdrt
 
 
 def test_bundle_layout_and_manifest(tiny_bundle, tiny_configs):
-    for rel in ("model_index.json", "sdrt.json", "text_encoder/model.onnx", "text_encoder/token_embeddings.npy",
+    for rel in ("model_index.json", "sdrt.json", "text_encoder/model.onnx", "text_encoder/model.embeds.onnx",
+                "text_encoder/token_embeddings.npy",
                 "unet/model.onnx", "vae_decoder/model.onnx", "vae_encoder/model.onnx", "tokenizer/vocab.json",
                 "tokenizer/merges.txt", "scheduler/scheduler_config.json"):
         assert (tiny_bundle / rel).is_file(), rel
@@ -37,8 +38,13 @@ def test_graph_dynamic_axes(tiny_bundle):
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in unet.graph.input}
     assert dims["sample"] == ["batch", 4, "height", "width"]
     assert dims["encoder_hidden_states"] == ["batch", "sequence", 32]
-    te = onnx.load(str(tiny_bundle / "text_encoder" / "model.onnx"), load_external_data=False)
+    te = onnx.load(str(tiny_bundle / "text_encoder" / "model.embeds.onnx"), load_external_data=False)
+    assert [i.name for i in te.graph.input] == ["inputs_embeds"]
     assert [o.name for o in te.graph.output] == ["last_hidden_state", "normed_hidden_states"]
+    # The optimum layout's graph: the same tower fed with token ids, transformers' outputs
+    ids = onnx.load(str(tiny_bundle / "text_encoder" / "model.onnx"), load_external_data=False)
+    assert [i.name for i in ids.graph.input] == ["input_ids"]
+    assert [o.name for o in ids.graph.output] == ["last_hidden_state", "pooler_output"]
 
 
 def test_generate_is_deterministic_and_seeds_follow_the_batch(tiny_pipeline):

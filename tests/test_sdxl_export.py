@@ -122,12 +122,6 @@ def sd2_bundle(tmp_path_factory):
     return configs, random_bundle(configs, tmp_path_factory.mktemp("sd2") / "b", seed=3)
 
 
-@pytest.fixture(scope="module")
-def sdxl_bundle(tmp_path_factory):
-    configs = scaled_sdxl_configs()
-    return configs, random_bundle(configs, tmp_path_factory.mktemp("sdxl") / "b", seed=3)
-
-
 def _session(path):
     from sdrt.runtime.backends.onnxruntime import session_options
 
@@ -137,7 +131,7 @@ def _session(path):
 def _text_outputs(bundle, name, module, ids):
     """The graph's three outputs for token ids, and the torch module's hidden states for them."""
     table = np.load(bundle / f"{name}/token_embeddings.npy").astype(np.float32)
-    out = _session(bundle / f"{name}/model.onnx").run(None, {"inputs_embeds": table[ids]})
+    out = _session(bundle / f"{name}/model.embeds.onnx").run(None, {"inputs_embeds": table[ids]})
     with torch.no_grad():
         ref = module(torch.tensor(ids), output_hidden_states=True)
     return out, ref
@@ -189,6 +183,19 @@ def test_sdxl_bundle(sdxl_bundle):
     assert projection.dtype == np.float32 and projection.shape == (48, 40)
     pooled = last2[np.arange(len(ids)), (ids == 49407).argmax(1)] @ projection
     np.testing.assert_allclose(pooled, ref2.text_embeds.numpy(), atol=1e-5)
+    # The token-id graphs (model.onnx, what optimum runs): transformers' outputs under their names
+    for name, module, reference in (("text_encoder", text, ref), ("text_encoder_2", text_2, ref2)):
+        session = _session(path / name / "model.onnx")
+        assert [i.name for i in session.get_inputs()] == ["input_ids"]
+        out = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input_ids": ids})))
+        layers = configs[name]["num_hidden_layers"]
+        first = ["text_embeds", "last_hidden_state"] if name == "text_encoder_2" else ["last_hidden_state",
+                                                                                       "pooler_output"]
+        assert list(out) == first + [f"hidden_states.{k}" for k in range(layers + 1)]
+        np.testing.assert_allclose(out["last_hidden_state"], reference.last_hidden_state.numpy(), atol=1e-5)
+        for k in range(layers + 1):
+            np.testing.assert_allclose(out[f"hidden_states.{k}"], reference.hidden_states[k].numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["text_embeds"], ref2.text_embeds.numpy(), atol=1e-5)
 
     g = torch.Generator().manual_seed(1)
     feeds = {"sample": torch.randn(2, 4, 9, 7, generator=g), "timestep": torch.tensor([999.0, 10.0]),
@@ -232,7 +239,7 @@ def test_fusions_apply_to_the_new_graphs(which, sd2_bundle, sdxl_bundle):
     for name in fused:
         table = np.load(path / f"{name}/token_embeddings.npy").astype(np.float32)
         feeds = {"inputs_embeds": table[_ids()]}
-        a = _session(path / name / "model.onnx").run(None, feeds)
+        a = _session(path / name / "model.embeds.onnx").run(None, feeds)
         b = _session(path / name / "model.cpu.onnx").run(None, feeds)
         for x, y in zip(a, b):
             np.testing.assert_allclose(x, y, atol=2e-4)

@@ -434,6 +434,8 @@ class TextEncoder(_Conditioner):
             z = "normed_hidden_states"
         else:
             z = "last_hidden_state"
+        if self.pooled and self.projection is None and "text_embeds" in self.session.outputs:
+            return [z, "text_embeds"]  # optimum's CLIPTextModelWithProjection: the projected pooled output
         return [z, "last_hidden_state"] if self.pooled and z != "last_hidden_state" else [z]
 
     def _select(self, out: dict[str, np.ndarray], name: str, clip_skip: int) -> np.ndarray:
@@ -485,7 +487,8 @@ class TextEncoder(_Conditioner):
                 result = self.session.run({"inputs_embeds": embeds}, names)
             out.append(self._select(result, names[0], clip_skip))
             if self.pooled:
-                pooled.append(self._pool(result["last_hidden_state"], batch))
+                pooled.append(result["text_embeds"].astype(np.float32) if "text_embeds" in names
+                              else self._pool(result["last_hidden_state"], batch))
         z = _finite(np.concatenate(out), self.session)
         return z, (_finite(np.concatenate(pooled), self.session) if self.pooled else None)
 

@@ -332,9 +332,10 @@ class ClipTokenizer:
 
     # -- writing --
 
-    def write_files(self, dst_dir: str | os.PathLike) -> None:
+    def write_files(self, dst_dir: str | os.PathLike, pad_token: str = EOS_TOKEN) -> None:
         """Write a diffusers pipeline's ``tokenizer/`` folder (vocab.json, merges.txt,
-        tokenizer_config.json, special_tokens_map.json); transformers loads it offline."""
+        tokenizer_config.json, special_tokens_map.json); transformers loads it offline.
+        ``pad_token``: ``"!"`` (id 0) for OpenCLIP encoders, as their published tokenizers pad."""
         def added(content: str) -> dict:
             return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
 
@@ -342,7 +343,7 @@ class ClipTokenizer:
         files = {
             "vocab.json": json.dumps(self._vocab, ensure_ascii=False),
             "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges),
-            "special_tokens_map.json": {"bos_token": bos, "eos_token": eos, "pad_token": EOS_TOKEN, "unk_token": eos},
+            "special_tokens_map.json": {"bos_token": bos, "eos_token": eos, "pad_token": pad_token, "unk_token": eos},
             "tokenizer_config.json": {
                 "add_prefix_space": False,
                 "added_tokens_decoder": {
@@ -353,7 +354,7 @@ class ClipTokenizer:
                 "eos_token": EOS_TOKEN,
                 "errors": "replace",
                 "model_max_length": 77,
-                "pad_token": EOS_TOKEN,
+                "pad_token": pad_token,
                 "tokenizer_class": "CLIPTokenizer",
                 "unk_token": EOS_TOKEN,
             },
