@@ -277,10 +277,11 @@ class FamilyReference:
         batch = [self.chunkers[k](t) for t in texts]
         empty = [self.END - 1] + [self.END] * 76
         zs, pooled = [], None
+        device = next(module.parameters()).device  # the token ids go where the module is
         for i in range(max(len(c) for c in batch)):
             rows = [c[i].tokens if i < len(c) else empty for c in batch]
-            mult = torch.tensor([c[i].multipliers if i < len(c) else [1.0] * 77 for c in batch])
-            tokens = torch.tensor(rows)
+            mult = torch.tensor([c[i].multipliers if i < len(c) else [1.0] * 77 for c in batch], device=device)
+            tokens = torch.tensor(rows, device=device)
             if openclip:
                 for b, row in enumerate(rows):
                     tokens[b, row.index(self.END) + 1:] = 0
