@@ -134,10 +134,10 @@ def component_inputs(bundle, width: int, height: int, seed: int) -> dict:
         "latents": rng.standard_normal(latent, dtype=np.float32),
         "added": None,
     }
-    projection = (bundle.text_encoder_2 or {}).get("projection")
     if bundle.architecture.startswith("sdxl"):
+        projection = (bundle.text_encoder_2 or {}).get("projection")
         if not projection:
-            raise SdrtError(f"bundle {bundle.path} has no projection for its second text encoder (SDXL's pooled vector)")
+            raise SdrtError(f"bundle {bundle.path} has no text_encoder_2 projection (SDXL's pooled vector)")
         pooled = np.load(bundle.path / projection, mmap_mode="r").shape[1]
         top, left = SDXL_CROP
 

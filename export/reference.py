@@ -291,7 +291,8 @@ class FamilyReference:
             z = out.hidden_states[-2] if self.sdxl else out.last_hidden_state
             if i == 0 and hasattr(module, "text_projection"):
                 last = out.last_hidden_state
-                pooled = last[torch.arange(len(rows)), tokens.argmax(dim=-1)] @ module.text_projection.weight.T
+                at_end = last[torch.arange(len(rows), device=device), tokens.argmax(dim=-1)]
+                pooled = at_end @ module.text_projection.weight.T
             original_mean = z.mean()
             z = z * mult.reshape(mult.shape + (1,)).expand(z.shape)
             z = z * (original_mean / z.mean())

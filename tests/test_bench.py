@@ -219,13 +219,13 @@ def test_cli_bench_sdxl_against_torch(sdxl_bundle, tmp_path):
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs["scheduler"]))
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     results = tmp_path / "bench.jsonl"
-    r = run_sdrt("bench", "-m", bundle, "--reference", folder, "--measure", "text_encoder,unet_step,vae_decode,end_to_end",
-                 "--steps", 2, "--size", 64, "--repeats", 1, "--warmup", 0, "--threads", 1,
+    r = run_sdrt("bench", "-m", bundle, "--reference", folder,
+                 "--measure", "text_encoder,unet_step,vae_decode,end_to_end", "--steps", 2, "--size", 64, "--repeats", 1, "--warmup", 0, "--threads", 1,
                  "--backends", "onnxruntime-cpu,torch-eager-fp32", "-o", results)
     assert r.returncode == 0, r.stderr
     recs = records.read_records([results])
-    assert [(x["backend"], x["status"]) for x in recs] == [("torch-eager", "ok")] * 4 + [("onnxruntime-cpu", "ok")] * 4, \
-        [x.get("note") for x in recs]
+    statuses = [(x["backend"], x["status"]) for x in recs]
+    assert statuses == [("torch-eager", "ok")] * 4 + [("onnxruntime-cpu", "ok")] * 4, [x.get("note") for x in recs]
     assert recs[0]["workload"]["architecture"] == "sdxl"
     ours = {x["measurement"]: x for x in recs if x["backend"] == "onnxruntime-cpu"}
     theirs = next(x for x in recs if x["backend"] == "torch-eager" and x["measurement"] == "unet_step")
