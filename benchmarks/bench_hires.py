@@ -86,14 +86,14 @@ def _torch_render(job: dict):
         return info.fn(lambda x, s: peer._denoise(x, s, context, p.cfg_scale), x, sigmas, noise=noise, **options)
 
     def render():
-        context = peer._conditioning(p)
+        context, _ = peer._conditioning(p)  # SD 1.x: no added conditioning
         sigmas = sampling.sigmas_for(schedule, p.steps, peer.sigmas, sampler=info, arch=b.architecture)
         low = sample(context, lambda n, s: n * s, (c, p.height // f, p.width // f), sigmas)
         w, h = int(p.width * p.hr_scale), int(p.height * p.hr_scale)
         z = torch.nn.functional.interpolate(low, size=(h // f, w // f), mode="bilinear", antialias=False)
         total, t_enc = int(p.hr_second_pass_steps / min(p.denoising_strength, 0.999)), p.hr_second_pass_steps - 1
         hr_sigmas = sampling.sigmas_for(schedule, total, peer.sigmas, sampler=info, arch=b.architecture)
-        hr_context = peer._conditioning(p)  # the webui conditions the second pass again (the same prompts here)
+        hr_context, _ = peer._conditioning(p)  # the webui conditions the second pass again (the same prompts here)
         x = sample(hr_context, lambda n, s: z + n * s, tuple(z.shape[1:]), hr_sigmas[total - t_enc - 1:])
         pixels = peer._decode(x)[0].cpu().numpy()
         return (255.0 * np.moveaxis(pixels, 0, 2)).astype(np.uint8)  # truncated, as the webui's

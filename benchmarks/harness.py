@@ -217,12 +217,6 @@ def resolve_workloads(names: Iterable[str], models: Iterable[str] = (), referenc
         raise SdrtError("more --reference checkpoints than --model entries")
     for i, model in enumerate(models):
         bundle = resolve_model(model, progress=progress)
-        from sdrt.runtime.bundle import open_bundle
-
-        arch = open_bundle(bundle).architecture
-        if arch.startswith("sdxl"):
-            # the per-component peers feed SD 1.x/2.x UNet inputs (no pooled text_embeds / time_ids yet)
-            raise SdrtError(f"sdrt bench measures SD 1.x and 2.x bundles; {model} is {arch} (not benchmarked yet)")
         ref = references[i] if i < len(references) else None
         src = Path(model)
         if ref is None and not is_bundle(src) and (src.is_dir() or src.suffix.lower() in CHECKPOINT_SUFFIXES):

@@ -28,12 +28,26 @@ class RuntimePeer:
         """ONNX Runtime's ``run`` returns host arrays: it has finished when it returns."""
 
     def text_encoder(self, p):
+        """The states of the prompt's parts and the negative prompt [parts + 1, tokens, width]; SDXL:
+        raveled, then their pooled vectors raveled (the torch peers' layout)."""
         cond, uncond = self.pipe.conditioning(p)  # a MultiCond and a CondSchedule; step 0 for plain prompts
-        return np.concatenate([cond.stacked(0), uncond.at(0)[None]])
+        states = np.concatenate([cond.stacked(0), uncond.at(0)[None]])
+        added = cond.added_at(0) + [uncond.added_at(0)]
+        if added[-1] is None:
+            return states
+        return np.concatenate([states.ravel(), np.stack([a["text_embeds"] for a in added]).ravel()])
 
-    def unet_step(self, x, sigma, cond, uncond, cfg_scale):
+    def unet_step(self, x, sigma, cond, uncond, cfg_scale, added=None):
+        """One guided step through sdrt's own CFG denoiser; SDXL's ``added`` conditioning goes in as
+        the schedules the pipeline's conditioning hands it (one entry, one ``AND`` part)."""
         from sdrt.runtime.sampling.denoiser import CFGDenoiser
+        from sdrt.runtime.text.encoder import CondSchedule, MultiCond
 
+        if added is not None:
+            def schedule(states, side):
+                return CondSchedule((1,), (states[0],), pooled=(side["text_embeds"],), time_ids=side["time_ids"])
+
+            cond, uncond = MultiCond(((schedule(cond, added["cond"]), 1.0),)), schedule(uncond, added["uncond"])
         return CFGDenoiser(self.pipe.denoiser, cond, uncond, cfg_scale)(x, sigma)
 
     def vae_decode(self, latents):

@@ -108,25 +108,53 @@ def _failure(rc: int, stderr: str) -> str:
 
 def component_inputs(bundle, width: int, height: int, seed: int) -> dict:
     """The same seeded inputs for every backend: a latent and a mid-schedule sigma for the UNet step,
-    random conditioning (so the step does not depend on a backend's text encoder) and a latent to decode."""
+    random conditioning (so the step does not depend on a backend's text encoder) and a latent to decode.
+
+    SDXL (and its refiner): the cross-attention states are both encoders' widths concatenated per token
+    (the refiner's: bigG's alone), and ``added`` holds each side's UNet inputs beside them, as the
+    runtime's CFG denoiser takes them: a random pooled vector (``text_embeds``, the width of bigG's
+    projection) and the request's size conditioning (``time_ids``, as the webui's
+    ``sd_models_xl.get_learned_conditioning`` builds it for this size: original size, crop (0, 0),
+    target size; the refiner's: original size, crop and the aesthetic score, 6 and 2.5). None for
+    SD 1.x / 2.x."""
+    from sdrt.runtime.text.encoder import REFINER_AESTHETIC, SDXL_CROP
+
     rng = np.random.default_rng(seed)
     f, c = bundle.vae_scale_factor, bundle.latent_channels
-    hidden = bundle.text_encoder["hidden_size"]
+    encoders = [info for info in (bundle.text_encoder, bundle.text_encoder_2) if info]
+    hidden = sum(info["hidden_size"] for info in encoders)
     sigmas = schedules.model_sigmas(schedules.alphas_cumprod(**bundle.scheduler))
     sigma = float(sigmas[len(sigmas) // 2])
     latent = (1, c, height // f, width // f)
-    return {
+    inputs = {
         "x": (rng.standard_normal(latent, dtype=np.float32) * np.float32(sigma)),
         "sigma": sigma,
         "cond": rng.standard_normal((1, 77, hidden), dtype=np.float32),
         "uncond": rng.standard_normal((1, 77, hidden), dtype=np.float32),
         "latents": rng.standard_normal(latent, dtype=np.float32),
+        "added": None,
     }
+    if bundle.architecture.startswith("sdxl"):
+        projection = (bundle.text_encoder_2 or {}).get("projection")
+        if not projection:
+            raise SdrtError(f"bundle {bundle.path} has no text_encoder_2 projection (SDXL's pooled vector)")
+        pooled = np.load(bundle.path / projection, mmap_mode="r").shape[1]
+        top, left = SDXL_CROP
+
+        def time_ids(negative: bool) -> np.ndarray:
+            if bundle.architecture == "sdxl-refiner":
+                return np.array([height, width, top, left, REFINER_AESTHETIC[1 if negative else 0]], np.float32)
+            return np.array([height, width, top, left, height, width], np.float32)
+
+        inputs["added"] = {side: {"text_embeds": rng.standard_normal(pooled, dtype=np.float32),
+                                  "time_ids": time_ids(side == "uncond")} for side in ("cond", "uncond")}
+    return inputs
 
 
 def measure(peer, task: dict, job: dict, inputs: dict) -> tuple[dict, np.ndarray]:
     """One measurement of a peer: (record fields, the last output). Peers implement ``sync``,
-    ``text_encoder(p)``, ``unet_step(x, sigma, cond, uncond, cfg)``, ``vae_decode(latents)``,
+    ``text_encoder(p)``, ``unet_step(x, sigma, cond, uncond, cfg, added)`` (``added``: SDXL's
+    {"cond": {name: [dim]}, "uncond": ...} of ``component_inputs``, else None), ``vae_decode(latents)``,
     ``generate(p) -> (image [3, H, W] in [0, 1], sampling seconds)``, ``device_memory_start()`` and
     ``device_memory_peak() -> (MB, method)``."""
     from sdrt.runtime.pipeline import GenerationParams
@@ -145,10 +173,12 @@ def measure(peer, task: dict, job: dict, inputs: dict) -> tuple[dict, np.ndarray
             outputs[:] = [peer.text_encoder(p)]
     elif m == "unet_step":
         shapes = {"sample": [2, *inputs["x"].shape[1:]], "encoder_hidden_states": [2, *inputs["cond"].shape[1:]]}
+        if inputs["added"]:  # SDXL's UNet inputs beside the states, one row per side of CFG
+            shapes |= {name: [2, *v.shape] for name, v in inputs["added"]["cond"].items()}
 
         def call():
             outputs[:] = [peer.unet_step(inputs["x"], inputs["sigma"], inputs["cond"], inputs["uncond"],
-                                         s["cfg_scale"])]
+                                         s["cfg_scale"], inputs["added"])]
     elif m == "vae_decode":
         shapes = {"latent_sample": list(inputs["latents"].shape)}
 

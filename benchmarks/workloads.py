@@ -13,6 +13,14 @@ checkpoint the bundle was exported from:
 
 The noise is drawn from ``torch.Generator`` on the CPU with the request's seed, as the webui's CPU
 RNG and sdrt's runtime draw it, and the sampler is the same function of ``sdrt.runtime.sampling.samplers``.
+
+SD 1.x: the modules of ``sdrt.export.reference.TorchReference``, the conditioning written here.
+SD 2.x and SDXL (and its refiner): those of ``FamilyReference`` (``sdrt verify``'s), whose text stage is
+the webui's (OpenCLIP's padding; SDXL's two encoders, pooled vector, zeroed empty negative prompt and
+size conditioning); SDXL's UNet takes the pooled vector and ``time_ids`` as diffusers'
+``added_cond_kwargs``. Its chunkers (token ids and emphasis) are the runtime's, as ``sdrt verify``
+shares them: the worker opens the bundle's pipeline with ``memory="low"`` for them (its text
+encoders' sessions released after loading).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch
 from sdrt.benchmarks.worker import worker_main
 from sdrt.export import convert, tiny
 from sdrt.export.configs import sd1_configs
-from sdrt.export.reference import TorchReference
+from sdrt.export.reference import FamilyReference, TorchReference
 from sdrt.export.write import save_checkpoint
 from sdrt.runtime import sampling
 from sdrt.runtime.bundle import open_bundle
@@ -94,18 +102,27 @@ class TorchPeer:
         if self.cuda and not torch.cuda.is_available():
             raise SdrtError("torch sees no CUDA device")
         self.bundle = open_bundle(job["bundle"])
-        ref = TorchReference(job["checkpoint"], self.bundle.path / "tokenizer")
+        self.family = self.bundle.architecture != "sd1"  # SD 2.x and SDXL: sdrt verify's FamilyReference
+        if self.family:
+            from sdrt.runtime.pipeline.txt2img import Pipeline
+
+            ref = FamilyReference.from_checkpoint(job["checkpoint"], Pipeline(self.bundle, memory="low"))
+            encoders = ref.text_encoders
+        else:
+            ref = TorchReference(job["checkpoint"], self.bundle.path / "tokenizer")
+            encoders = [ref.text_encoder]
+            tok = ref.tokenizer
+            self.bos, self.eos, self.comma = tok.bos_token_id, tok.eos_token_id, tok.convert_tokens_to_ids(",</w>")
         eager = options.get("attention") == "eager"
         for module in (ref.unet, ref.vae):
             module.set_attn_processor(AttnProcessor() if eager else AttnProcessor2_0())
-        ref.text_encoder.set_attn_implementation("eager" if eager else "sdpa")
-        for module in (ref.unet, ref.vae, ref.text_encoder):
+        for module in encoders:
+            module.set_attn_implementation("eager" if eager else "sdpa")
+        for module in (ref.unet, ref.vae, *encoders):
             module.to(self.device, self.dtype)
         self.ref = ref
         self.unet = torch.compile(ref.unet) if options.get("compile") else ref.unet
         self.sigmas = schedules.model_sigmas(schedules.alphas_cumprod(**self.bundle.scheduler))
-        tok = ref.tokenizer
-        self.bos, self.eos, self.comma = tok.bos_token_id, tok.eos_token_id, tok.convert_tokens_to_ids(",</w>")
 
     def sync(self):
         if self.cuda:
@@ -125,22 +142,52 @@ class TorchPeer:
         ids = self.ref.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return [c.tokens for c in make_chunks([(ids, 1.0)], bos=self.bos, eos=self.eos, comma=self.comma)]
 
-    def _conditioning(self, p) -> torch.Tensor:
+    def _conditioning(self, p) -> tuple[torch.Tensor, dict | None]:
+        """([cond, uncond] states [2, tokens, width], SDXL's {name: [cond, uncond] rows} or None)."""
+        if self.family:
+            return self._family_conditioning(p)
         rows = [self._rows(p.prompt), self._rows(p.negative_prompt)]
         n = max(len(r) for r in rows)
         empty = [self.bos] + [self.eos] * 76
         ids = torch.tensor([r + [empty] * (n - len(r)) for r in rows], device=self.device).reshape(-1, 77)
         z = self.ref.text_encoder(ids).last_hidden_state
-        return z.reshape(2, n * 77, z.shape[-1])  # [cond, uncond]
+        return z.reshape(2, n * 77, z.shape[-1]), None  # [cond, uncond]
 
-    def _denoise(self, x: torch.Tensor, sigma: float, context: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    def _family_conditioning(self, p) -> tuple[torch.Tensor, dict | None]:
+        """The webui's ``get_learned_conditioning`` of the prompt and the negative prompt, the shorter
+        padded with the empty prompt's states (its "pad prompt/negative prompt to be same length");
+        SDXL's added conditioning beside them."""
+        w, h = p.width, p.height
+        sides = [self.ref.learned([p.prompt], w, h)[0], self.ref.learned([p.negative_prompt], w, h, negative=True)[0]]
+        n = max(c["crossattn"].shape[0] for c in sides)
+        if any(c["crossattn"].shape[0] != n for c in sides):
+            empty = self.ref.learned([""], w, h)[0]["crossattn"]
+            for c in sides:
+                c["crossattn"] = torch.cat([c["crossattn"], empty.repeat((n - c["crossattn"].shape[0]) // 77, 1)])
+        context = torch.stack([c["crossattn"] for c in sides])
+        if "text_embeds" not in sides[0]:
+            return context, None
+        added = {name: torch.stack([c[name] for c in sides]).to(self.device) for name in ("text_embeds", "time_ids")}
+        return context, added
+
+    def _denoise(self, x: torch.Tensor, sigma: float, context: torch.Tensor, cfg_scale: float,
+                 added: dict | None = None) -> torch.Tensor:
+        """CFG over one UNet run; ``context`` and ``added`` (SDXL's ``added_cond_kwargs``) hold the
+        cond row, then the uncond row."""
         n = x.shape[0]
         both = cfg_scale != 1.0
         x_in = torch.cat([x, x]) if both else x
-        ctx = context.repeat_interleave(n, 0) if both else context[:1].expand(n, -1, -1)
+
+        def rows(v):
+            return v.repeat_interleave(n, 0) if both else v[:1].expand(n, *v.shape[1:])
+
+        ctx = rows(context)
+        kwargs = {}
+        if added is not None:
+            kwargs["added_cond_kwargs"] = {name: rows(v).to(self.device, self.dtype) for name, v in added.items()}
         c_in = 1.0 / (sigma**2 + 1.0) ** 0.5
         t = self.ref.sigma_to_t(sigma).to(self.device).expand(x_in.shape[0])
-        out = self.unet((x_in * c_in).to(self.dtype), t, ctx).sample.float()
+        out = self.unet((x_in * c_in).to(self.dtype), t, ctx, **kwargs).sample.float()
         if self.ref.prediction_type == "epsilon":
             den = x_in + out * -sigma
         else:
@@ -153,11 +200,19 @@ class TorchPeer:
 
     # the measurements
     def text_encoder(self, p) -> np.ndarray:
-        return self._conditioning(p).float().cpu().numpy()
+        """[cond, uncond] states; SDXL: raveled, then the pooled vectors raveled (the runtime peer's layout)."""
+        context, added = self._conditioning(p)
+        states = context.float().cpu().numpy()
+        if added is None:
+            return states
+        return np.concatenate([states.ravel(), added["text_embeds"].float().cpu().numpy().ravel()])
 
-    def unet_step(self, x, sigma, cond, uncond, cfg_scale) -> np.ndarray:
+    def unet_step(self, x, sigma, cond, uncond, cfg_scale, added=None) -> np.ndarray:
         context = torch.from_numpy(np.concatenate([cond, uncond])).to(self.device, self.dtype)
-        return self._denoise(torch.from_numpy(x).to(self.device), sigma, context, cfg_scale).cpu().numpy()
+        if added is not None:  # SDXL: the same random pooled vectors and size conditioning, cond then uncond
+            added = {name: torch.from_numpy(np.stack([added["cond"][name], added["uncond"][name]]))
+                     for name in added["cond"]}
+        return self._denoise(torch.from_numpy(x).to(self.device), sigma, context, cfg_scale, added).cpu().numpy()
 
     def vae_decode(self, latents) -> np.ndarray:
         return self._decode(torch.from_numpy(latents).to(self.device)).cpu().numpy()
@@ -169,7 +224,8 @@ class TorchPeer:
         sigmas = sampling.sigmas_for(schedule, p.steps, self.sigmas, sampler=info, arch=self.bundle.architecture)
         f = self.bundle.vae_scale_factor
         shape = (self.bundle.latent_channels, p.height // f, p.width // f)
-        context = self._conditioning(p).to(self.dtype)
+        context, added = self._conditioning(p)
+        context = context.to(self.dtype)
         gen = torch.Generator().manual_seed(p.seed)
 
         def noise(sigma, sigma_next):
@@ -177,7 +233,7 @@ class TorchPeer:
 
         t0 = time.perf_counter()
         x = noise(None, None) * float(sigmas[0])
-        latents = info.fn(lambda x, s: self._denoise(x, s, context, p.cfg_scale), x, sigmas, noise=noise,
+        latents = info.fn(lambda x, s: self._denoise(x, s, context, p.cfg_scale, added), x, sigmas, noise=noise,
                           **sampling.sampler_options(info))
         self.sync()
         sampling_s = time.perf_counter() - t0

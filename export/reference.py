@@ -277,10 +277,11 @@ class FamilyReference:
         batch = [self.chunkers[k](t) for t in texts]
         empty = [self.END - 1] + [self.END] * 76
         zs, pooled = [], None
+        device = next(module.parameters()).device  # the token ids go where the module is
         for i in range(max(len(c) for c in batch)):
             rows = [c[i].tokens if i < len(c) else empty for c in batch]
-            mult = torch.tensor([c[i].multipliers if i < len(c) else [1.0] * 77 for c in batch])
-            tokens = torch.tensor(rows)
+            mult = torch.tensor([c[i].multipliers if i < len(c) else [1.0] * 77 for c in batch], device=device)
+            tokens = torch.tensor(rows, device=device)
             if openclip:
                 for b, row in enumerate(rows):
                     tokens[b, row.index(self.END) + 1:] = 0
@@ -290,7 +291,8 @@ class FamilyReference:
             z = out.hidden_states[-2] if self.sdxl else out.last_hidden_state
             if i == 0 and hasattr(module, "text_projection"):
                 last = out.last_hidden_state
-                pooled = last[torch.arange(len(rows)), tokens.argmax(dim=-1)] @ module.text_projection.weight.T
+                at_end = last[torch.arange(len(rows), device=device), tokens.argmax(dim=-1)]
+                pooled = at_end @ module.text_projection.weight.T
             original_mean = z.mean()
             z = z * mult.reshape(mult.shape + (1,)).expand(z.shape)
             z = z * (original_mean / z.mean())

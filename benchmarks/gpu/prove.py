@@ -437,7 +437,7 @@ def _torch_speed(args, rec, compile: bool):
             t0 = time.perf_counter()
             info, schedule = sampling.resolve(p.sampler_name, p.scheduler)
             sigmas = sampling.sigmas_for(schedule, steps, peer.sigmas, sampler=info, arch=peer.bundle.architecture)
-            context = peer._conditioning(p).to(peer.dtype)
+            context = peer._conditioning(p)[0].to(peer.dtype)  # SD 1.x: no added conditioning
             peer.sync()
             t1 = time.perf_counter()
             gen = torch.Generator().manual_seed(p.seed)
