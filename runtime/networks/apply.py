@@ -421,7 +421,8 @@ class Networks:
         weights = GraphWeights(graph)
         provenance.check_graph(prov, gprov, weights.index, graph)
         # An int8 graph's quantized weights are read from the float graphs they were quantized from
-        graphs = [(gprov, weights)] + list(float_graphs(prov, gprov, graph).values())
+        floats = float_graphs(prov, gprov, graph)
+        graphs = [(gprov, weights)] + list(floats.values())
         held = [(g, w, g.by_source()) for g, w in graphs]
         current: dict[str, np.ndarray] = {}
         missing = []
@@ -462,7 +463,7 @@ class Networks:
         if missing:
             log.warning("%s: %d weights the networks change are not in the graph (shared with other weights "
                         "or folded away): %s", graph, len(missing), ", ".join(missing[:_SHOWN]))
-        return build_overrides(prov, gprov, weights, current)
+        return build_overrides(prov, gprov, weights, current, floats)
 
 
 def unrecorded_quantization(graph: Path) -> str:
@@ -497,17 +498,18 @@ def _rebuilt(prov: provenance.Provenance, gprov: provenance.GraphProvenance, wei
 
 
 def requantized(prov: provenance.Provenance, gprov: provenance.GraphProvenance, weights: GraphWeights,
-                values: dict[str, np.ndarray], skipped: list[str]) -> dict[str, np.ndarray]:
+                values: dict[str, np.ndarray], skipped: list[str],
+                floats: dict | None = None) -> dict[str, np.ndarray]:
     """An int8 graph's quantized weights that hold any of ``values``: the float weight each was
     quantized from, merged, quantized again the way the exporter did (new scale from the merged
     weight's range; a QLinearConv's int32 bias again at the new scale). Names the ones left alone
-    in ``skipped``."""
+    in ``skipped``. ``floats``: the float graphs, when the caller read them already (:func:`float_graphs`)."""
     if gprov.quantization is None:
         held = gprov.by_source()
         if any(k not in held for k in values):
             raise SdrtError(unrecorded_quantization(weights.path))
         return {}
-    floats = float_graphs(prov, gprov, weights.path)
+    floats = float_graphs(prov, gprov, weights.path) if floats is None else floats
     out, held = {}, set(gprov.by_source())
     for name, r in gprov.quantization.items():
         fg, fw = floats[r.graph]
@@ -544,7 +546,7 @@ def requantized(prov: provenance.Provenance, gprov: provenance.GraphProvenance, 
 
 
 def build_overrides(prov: provenance.Provenance, gprov: provenance.GraphProvenance, weights: GraphWeights,
-                    values: dict[str, np.ndarray]) -> Overrides:
+                    values: dict[str, np.ndarray], floats: dict | None = None) -> Overrides:
     """The initializers of a graph that hold any of ``values`` (source key -> new value), rebuilt in
     their layout and dtype; an int8 graph's quantized weights re-quantized (:func:`requantized`).
     An initializer the exporter shared between several equal source weights is replaced only when
@@ -560,7 +562,7 @@ def build_overrides(prov: provenance.Provenance, gprov: provenance.GraphProvenan
         else:
             arrays[name] = value
     if gprov.quantized:
-        arrays.update(requantized(prov, gprov, weights, values, skipped))
+        arrays.update(requantized(prov, gprov, weights, values, skipped, floats))
     if skipped:
         log.warning("%s: %d graph weights hold several model weights the networks change differently; left "
                     "as they are: %s", weights.path, len(skipped), ", ".join(skipped[:_SHOWN]))
