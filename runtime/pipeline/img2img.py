@@ -50,7 +50,7 @@ from sdrt.runtime.pipeline import inpaint, outpaint
 from sdrt.runtime.pipeline.hires import HiresPlan, make_hires_plan
 from sdrt.runtime.pipeline.params import GenerationParams, Img2imgParams
 from sdrt.runtime.pipeline.plan import Batch, Plan, make_plan, noise_seeds
-from sdrt.runtime.pipeline.txt2img import GeneratedImage, Pipeline, _Stopped, short_title, to_uint8
+from sdrt.runtime.pipeline.txt2img import GeneratedImage, Pipeline, _Stopped, names_model, short_title, to_uint8
 from sdrt.runtime.pipeline.upscale import resize_image, upscale_latents
 from sdrt.runtime.sampling import samplers
 from sdrt.runtime.sampling.denoiser import EpsTimestepModel, LCMDenoiser
@@ -237,13 +237,11 @@ class Img2imgPipeline(Pipeline):
         if not isinstance(given, str):
             raise SdrtError(f"hr_checkpoint_name must be a model's name, got {given!r}")
         for pipe in (self.hires_checkpoint, self):
-            if pipe is not None and (given in (pipe.bundle.name, short_title(pipe))
-                                     or Path(given.split(" [")[0]).stem == pipe.bundle.name):
+            if pipe is not None and names_model(given, pipe):
                 return short_title(pipe)
         attached = f"the one attached is {short_title(self.hires_checkpoint)}" if self.hires_checkpoint \
             else "none is attached (sdrt generate --hr-checkpoint MODEL; Img2imgPipeline.set_hires_checkpoint)"
         raise SdrtError(f"hr_checkpoint_name {given!r} is not a model loaded here: {attached}")
-
 
     def _hires_pipe(self, plan: Plan) -> Img2imgPipeline:
         """The pipeline that runs a hires plan's second pass: the attached hires checkpoint when the

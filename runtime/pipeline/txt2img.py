@@ -92,6 +92,12 @@ def short_title(pipe: Pipeline) -> str:
     b = pipe.bundle
     return f"{b.name} [{b.model_hash}]" if b.model_hash else b.name
 
+
+def names_model(given: str, pipe: Pipeline) -> bool:
+    """Whether a request's model name (``refiner_checkpoint``, ``hr_checkpoint_name``) is ``pipe``'s:
+    its bundle name, its ``short_title``, or a file name / title whose stem is the bundle name."""
+    return given in (pipe.bundle.name, short_title(pipe)) or Path(given.split(" [")[0]).stem == pipe.bundle.name
+
 class Pipeline:
     """A bundle's sessions serving any number of generations: loaded once (``memory="normal"``),
     or for their stage only (``"med"``: the text encoder and VAE; ``"low"``: every graph).
@@ -178,10 +184,9 @@ class Pipeline:
         if refiner is None:
             raise SdrtError(f"refiner_checkpoint {p.refiner_checkpoint!r}: no refiner model is loaded "
                             "(sdrt generate --refiner MODEL; Pipeline.set_refiner)")
-        name, title = refiner.bundle.name, self.refiner_title(refiner)
         given = str(p.refiner_checkpoint)
-        if given not in (name, title) and Path(given.split(" [")[0]).stem != name:
-            raise SdrtError(f"refiner_checkpoint {given!r} is not the refiner loaded ({title})")
+        if not names_model(given, refiner):
+            raise SdrtError(f"refiner_checkpoint {given!r} is not the refiner loaded ({short_title(refiner)})")
         at = p.refiner_switch_at
         if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float, np.number))
                                or not 0.0 < float(at) <= 1.0):
