@@ -148,7 +148,8 @@ def _save_quantized(staged: Path, src: Path, dst: Path, op_types: tuple[str, ...
 
 
 def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]], *,
-                         optimize: bool = True, stream_input: str = "sample") -> QuantizeReport:
+                         optimize: bool = True, stream_input: str = "sample", keep: dict[str, str] | None = None,
+                         ranges: Path | None = None) -> QuantizeReport:
     """Write ``dst``: the portable graph ``src`` with static int8 convolutions and MatMuls.
 
     Activation ranges are the min/max over ``feeds`` (:func:`calibration_feeds`) of every tensor a
@@ -159,7 +160,13 @@ def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str,
     (the ones on the latent's channels, which carry the sample itself). With ``optimize`` the CPU
     graph passes run on the result (its GroupNorms, attention and GELU stay fp32 and fuse as in
     ``model.cpu.onnx``). Unchanged tensors are read from ``src``'s data file, as in
-    :func:`quantize_int8`. The report's ``kept_float`` says which nodes stayed fp32 and why."""
+    :func:`quantize_int8`. The report's ``kept_float`` says which nodes stayed fp32 and why.
+
+    ``keep`` names more nodes to leave in fp32, each with why (the ``mixed`` precision's layer
+    search, :func:`layer_sensitivity`). ``ranges``: a file for the calibrated activation ranges,
+    written by the first call that names it and read by the next ones instead of calibrating
+    again (ONNX Runtime's calibration cache; where this ONNX Runtime has none, every call
+    calibrates, to the same ranges)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -173,13 +180,11 @@ def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str,
         raise ValueError("static int8 quantization needs calibration feeds")
     src, dst = Path(src), Path(dst)
     source = onnx.load(str(src), load_external_data=False)
-    quantized = image_stream_matmuls(source, stream_input)
-    kept = {n.name: "a MatMul off the image tokens: costs next to nothing at any size"
-            for n in source.graph.node if n.op_type == "MatMul" and n.name not in quantized
-            and n.input[1] in {t.name for t in source.graph.initializer}}
-    kept.update(kept_float_convs(source))
-    exclude = [n.name for n in source.graph.node if n.name in kept
-               or (n.op_type == "MatMul" and n.name not in quantized)]
+    targets, kept = static_targets(source, stream_input)
+    kept.update({name: why for name, why in (keep or {}).items() if name in targets})
+    exclude = [n.name for n in source.graph.node if n.op_type in ("Conv", "MatMul") and n.name not in targets
+               or n.name in kept]
+    cache = {"calibration_cache_path": str(ranges)} if ranges is not None and _has_calibration_cache() else {}
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as work:
         staged = Path(work) / "model.onnx"
         with _quiet_root_warnings():
@@ -188,7 +193,7 @@ def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             use_external_data_format=True,
                             calibration_providers=["CPUExecutionProvider"],
-                            extra_options={"MatMulConstBOnly": True})
+                            extra_options={"MatMulConstBOnly": True}, **cache)
         if optimize:
             fused = staged.with_name("model.cpu.onnx")
             report = passes.optimize_file(staged, fused)
@@ -197,6 +202,28 @@ def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str,
         report = _save_quantized(staged, src, dst, ("QLinearConv", "QLinearMatMul"), stream_input)
         report.kept_float = kept
         return report
+
+
+def static_targets(model, stream_input: str = "sample") -> tuple[set[str], dict[str, str]]:
+    """What int8-static quantizes in a portable graph, and what it leaves in fp32 and why: every
+    convolution but :func:`kept_float_convs`'s, and the weight MatMuls over ``stream_input``'s
+    tokens (:func:`image_stream_matmuls`); the other weight MatMuls stay fp32."""
+    weights = {t.name for t in model.graph.initializer}
+    matmuls = image_stream_matmuls(model, stream_input)
+    kept = {n.name: "a MatMul off the image tokens: costs next to nothing at any size"
+            for n in model.graph.node if n.op_type == "MatMul" and n.name not in matmuls and n.input[1] in weights}
+    kept.update(kept_float_convs(model))
+    targets = {n.name for n in model.graph.node if n.name not in kept
+               and (n.op_type == "Conv" or n.name in matmuls)}
+    return targets, kept
+
+
+def _has_calibration_cache() -> bool:
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
 def kept_float_convs(model, latent_channels: int = 4) -> dict[str, str]:
@@ -220,6 +247,114 @@ def kept_float_convs(model, latent_channels: int = 4) -> dict[str, str]:
         elif dims and len(dims) >= 2 and min(dims[0], dims[1]) <= latent_channels:
             kept[n.name] = f"{dims[1]} channels in, {dims[0]} out: the latent's or the image's own"
     return kept
+
+
+def calibrated_ranges(path: Path) -> dict[str, tuple[float, float]]:
+    """{tensor: (min, max)} from an int8-static calibration cache (``quantize_int8_static``'s
+    ``ranges``)."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    return {name: tuple(float(v) for v in np.asarray(d.range_value).ravel()[:2])
+            for name, d in load_tensors_data(path).data.items()}
+
+
+def _uint8_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
+    """Scale and zero point of int8-static's uint8 activations over a calibrated range, as ONNX
+    Runtime's quantizer sets them (the range widened to hold 0)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255.0 or 1.0
+    return np.float32(scale), np.uint8(np.clip(np.round(-lo / scale), 0, 255))
+
+
+def _int8_layer(node, w: np.ndarray, bias: np.ndarray | None, x_range, y_range) -> bytes:
+    """A one-node graph running ``node`` (a Conv or a weight MatMul) as int8-static runs it:
+    QuantizeLinear of its input over the calibrated range, ``QLinearConv`` / ``QLinearMatMul``
+    with int8 weights symmetric per output channel (and an int32 bias), DequantizeLinear of its
+    output over its calibrated range: float in, float out."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    conv = node.op_type == "Conv"
+    axis = 0 if conv else 1
+    other = tuple(i for i in range(w.ndim) if i != axis)
+    w_scale = (np.abs(w).max(axis=other) / 127.0).astype(np.float32)
+    w_scale[w_scale == 0] = 1.0
+    shape = [-1 if i == axis else 1 for i in range(w.ndim)]
+    wq = np.clip(np.round(w / w_scale.reshape(shape)), -127, 127).astype(np.int8)
+    xs, xz = _uint8_params(*x_range)
+    ys, yz = _uint8_params(*y_range)
+    inits = [numpy_helper.from_array(v, n) for n, v in (
+        ("xs", xs), ("xz", xz), ("wq", wq), ("ws", w_scale), ("wz", np.zeros(w_scale.shape, np.int8)),
+        ("ys", ys), ("yz", yz))]
+    inputs = ["xq", "xs", "xz", "wq", "ws", "wz", "ys", "yz"]
+    if conv and bias is not None:
+        inits.append(numpy_helper.from_array(np.round(bias / (xs * w_scale)).astype(np.int32), "bq"))
+        inputs.append("bq")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if conv else {}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("QLinearConv" if conv else "QLinearMatMul", inputs, ["yq"], **attrs),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def layer_sensitivity(src: str | Path, feeds: list[dict[str, np.ndarray]], ranges: dict[str, tuple[float, float]],
+                      nodes: set[str], samples: int = 4) -> dict[str, float | None]:
+    """{node: dB}: each of ``nodes`` (int8-static's convolutions and MatMuls) measured alone, the
+    signal-to-noise ratio of its output when only it runs in int8, against its fp32 output on the
+    same fp32 input. It runs as int8-static runs it, on ONNX Runtime's own int8 kernels on this
+    CPU (:func:`_int8_layer`), so what those kernels do to the products (int16 saturation on x86
+    CPUs without VNNI) is in the figure. Inputs are the fp32 graph's own activations on
+    ``samples`` of the calibration ``feeds`` spread over the trajectory (from pure noise to the
+    last step). Lower is worse; None: exact. The ``mixed`` precision keeps the worst in fp32
+    (``sdrt.export.write``).
+
+    The ranking is a proxy (an error's effect on the final image also depends on what follows the
+    layer); what is kept is decided on the final image (``measure``)."""
+    import onnxruntime as ort
+
+    src = Path(src)
+    model = onnx.load(str(src), load_external_data=False)
+    chosen = [n for n in model.graph.node if n.name in nodes and n.input[0] in ranges and n.output[0] in ranges]
+    have = {o.name for o in model.graph.output}
+    wanted = list(dict.fromkeys(t for n in chosen for t in (n.input[0], n.output[0]) if t not in have))
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in wanted)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = int(os.environ.get("SDRT_THREADS", "0"))
+    full = onnx.load(str(src), load_external_data=True)
+    inits = {t.name: t for t in full.graph.initializer}
+
+    def array(name: str) -> np.ndarray | None:
+        return onnx.numpy_helper.to_array(inits[name]).astype(np.float32) if name and name in inits else None
+
+    layers = {n.name: ort.InferenceSession(
+        _int8_layer(n, array(n.input[1]), array(n.input[2]) if n.op_type == "Conv" and len(n.input) > 2 else None,
+                    ranges[n.input[0]], ranges[n.output[0]]), opts, providers=["CPUExecutionProvider"])
+        for n in chosen}
+    del full, inits
+    signal = dict.fromkeys(layers, 0.0)
+    noise = dict.fromkeys(layers, 0.0)
+    picks = sorted({round(i) for i in np.linspace(0, len(feeds) - 1, min(samples, len(feeds)))})
+    with tempfile.TemporaryDirectory(prefix=".sensitivity-", dir=src.parent) as work:
+        # beside the graph: its external data is found by its relative location
+        augmented = src.parent / f"{Path(work).name}.onnx"
+        try:
+            onnx.save_model(model, str(augmented))
+            session = ort.InferenceSession(str(augmented), opts, providers=["CPUExecutionProvider"])
+            names = [o.name for o in session.get_outputs()]
+            for i in picks:
+                values = dict(zip(names, session.run(None, feeds[i])))
+                for n in chosen:
+                    y = values[n.output[0]].astype(np.float64)
+                    yq = layers[n.name].run(None, {"x": values[n.input[0]]})[0]
+                    signal[n.name] += float(np.square(y).sum())
+                    noise[n.name] += float(np.square(y - yq).sum())
+                del values
+        finally:
+            augmented.unlink(missing_ok=True)
+    return {name: round(float(10 * np.log10(signal[name] / noise[name])), 2) if noise[name] > 0 else None
+            for name in signal}
 
 
 class _RecordingUNet:

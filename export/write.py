@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from sdrt.export import convert, load, provenance
@@ -34,7 +35,7 @@ from sdrt.runtime import bundle as manifests
 from sdrt.runtime import spec as specs
 from sdrt.runtime.bundle import COMPONENTS, MANIFEST, file_sha256
 from sdrt.runtime.errors import SdrtError
-from sdrt.runtime.precision import PRECISION_KINDS, PRECISIONS
+from sdrt.runtime.precision import MIXED_LAYERS, PRECISION_KINDS, PRECISIONS
 from sdrt.runtime.text.tokenizer import EOS_TOKEN, ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -415,15 +416,31 @@ def _write_precisions(tmp: Path, manifest: manifests.Manifest, precisions: tuple
                       progress: Progress | None) -> manifests.Manifest:
     """Add the reduced-precision variants to a written bundle, measure each, return the manifest.
 
-    ``mixed`` writes no graphs: it needs ``int8`` and ``int8-static`` (added when not asked) and
-    comes last, choosing per component from their measurements (:func:`_write_mixed`)."""
+    ``mixed`` needs ``int8`` and ``int8-static`` (added when not asked) and comes last, choosing
+    per component from their measurements, and per layer where int8-static missed the bar
+    (:func:`_write_mixed`; it reuses int8-static's calibration)."""
     if "mixed" in precisions:
         precisions = (*dict.fromkeys(p for p in (*precisions, "int8", "int8-static") if p != "mixed"), "mixed")
+    with tempfile.TemporaryDirectory(prefix=".calibration-", dir=tmp) as ranges_dir:
+        return _write_variants(tmp, manifest, precisions, optimize, progress, Path(ranges_dir))
+
+
+@dataclasses.dataclass
+class _Calibration:
+    """int8-static's calibration, kept for ``mixed``'s layer search: the feeds per component and
+    the files of their calibrated activation ranges."""
+    feeds: dict[str, list[dict]]
+    ranges: dict[str, Path]
+
+
+def _write_variants(tmp: Path, manifest: manifests.Manifest, precisions: tuple[str, ...], optimize: bool,
+                    progress: Progress | None, ranges_dir: Path) -> manifests.Manifest:
+    static: _Calibration | None = None
     for precision in precisions:
         if precision == "fp32":
             continue
         if precision == "mixed":
-            manifest = _write_mixed(tmp, manifest, progress)
+            manifest = _write_mixed(tmp, manifest, progress, static, optimize)
             continue
         kind, suffix = PRECISION_KINDS[precision], precision_mod.SUFFIXES[precision]
         key = manifests.variant_key(kind, precision)
@@ -434,6 +451,8 @@ def _write_precisions(tmp: Path, manifest: manifests.Manifest, precisions: tuple
                  if precision == "int8-static" else ("unet",))
         calibration = precision_mod.calibration_feeds(tmp, components=tuple(names)) \
             if precision == "int8-static" else None
+        if calibration is not None:
+            static = _Calibration(calibration, {n: ranges_dir / f"{n}.json" for n in names})
         details = {}
         for name in names:
             entry = manifest.components[name]
@@ -454,7 +473,8 @@ def _write_precisions(tmp: Path, manifest: manifests.Manifest, precisions: tuple
             else:
                 # From the portable graph (the calibration runs it on plain ONNX Runtime), fused after
                 report = precision_mod.quantize_int8_static(portable, target, calibration[name], optimize=optimize,
-                                                            stream_input=precision_mod.STATIC_COMPONENTS[name])
+                                                            stream_input=precision_mod.STATIC_COMPONENTS[name],
+                                                            ranges=static.ranges[name])
             log.info("%s: %s", name, report.summary())
             kept = {"kept_float": report.kept_float} if report.kept_float else {}
             manifest = manifest.with_variant(name, key, manifests.Variant(
@@ -482,23 +502,38 @@ def _write_precisions(tmp: Path, manifest: manifests.Manifest, precisions: tuple
     return manifest
 
 
-def _write_mixed(tmp: Path, manifest: manifests.Manifest, progress: Progress | None) -> manifests.Manifest:
-    """The ``mixed`` CPU precision: per component the fastest variant (int8-static, then int8)
-    whose own measured effect on the final image reached the bar (``components`` of each
-    precision's measurement), the rest fp32; then the combination measured as a whole. While it
-    misses the bar, the component whose choice cost the most steps down to its next variant."""
+def _write_mixed(tmp: Path, manifest: manifests.Manifest, progress: Progress | None,
+                 static: _Calibration | None = None, optimize: bool = True) -> manifests.Manifest:
+    """The ``mixed`` CPU precision: per component the fastest variant whose own measured effect on
+    the final image reached the bar (``components`` of each precision's measurement): int8-static,
+    then int8-static with its least faithful layers kept in fp32 (:func:`_layer_search`, for the
+    components whose int8-static missed the bar), then int8; the rest fp32. The combination is
+    then measured as a whole, and while it misses the bar the component whose choice cost the most
+    steps down to its next variant."""
     cpu = manifest.precisions.get("cpu", {})
+
+    def effects(precision: str) -> dict:
+        return ((cpu.get(precision) or manifests.PrecisionRecord({})).fidelity or {}).get("components", {})
+
+    missed = [name for name, effect in effects("int8-static").items()
+              if not effect.get("default") and name in precision_mod.STATIC_COMPONENTS]
+    layered: dict[str, dict] = {}
+    if missed and static is not None and all(p.exists() for p in static.ranges.values()):
+        manifest, layered = _layer_search(tmp, manifest, missed, static, optimize, progress)
+    elif missed and static is not None:
+        log.warning("mixed: this onnxruntime keeps no calibration cache; no per-layer search")
     options: dict[str, list[tuple[str, float | None]]] = {}  # component -> [(precision, its own PSNR)], fastest first
-    for precision in ("int8-static", "int8"):
-        effects = ((cpu.get(precision) or manifests.PrecisionRecord({})).fidelity or {}).get("components", {})
-        for name, effect in effects.items():
-            if effect.get("default"):
+    for name in manifest.components:
+        for precision in ("int8-static", MIXED_LAYERS, "int8"):
+            effect = layered.get(name) if precision == MIXED_LAYERS else effects(precision).get(name)
+            if effect and effect.get("default"):
                 options.setdefault(name, []).append((precision, effect.get("image_psnr")))
     choice = {name: 0 for name in manifest.components if name in options}  # in the bundle's order
     tried = []
     while True:
         chosen = {name: options[name][k][0] if k < len(options[name]) else "fp32" for name, k in choice.items()}
-        components = {name: {"precision": p, "own_image_psnr": next((db for q, db in options[name] if q == p), None)}
+        components = {name: {"precision": p, "own_image_psnr": next((db for q, db in options[name] if q == p), None),
+                             **({"layers": layered[name]["layers"]} if p == MIXED_LAYERS else {})}
                       for name, p in chosen.items()}
         record = manifests.PrecisionRecord(components, precision_mod.DEFAULT_MIN_PSNR)
         manifest = manifest.with_precision("cpu", "mixed", record)
@@ -519,7 +554,108 @@ def _write_mixed(tmp: Path, manifest: manifests.Manifest, progress: Progress | N
         worst = min((n for n, p in chosen.items() if p != "fp32"),
                     key=lambda n: components[n]["own_image_psnr"] or float("inf"))
         choice[worst] += 1
+    for name in layered:  # a per-layer graph the combination stepped down from is not kept
+        if chosen.get(name) != MIXED_LAYERS:
+            manifest = _drop_variant(tmp, manifest, name, manifests.variant_key("cpu", "mixed"))
     return manifest
+
+
+def _drop_variant(tmp: Path, manifest: manifests.Manifest, name: str, key: str) -> manifests.Manifest:
+    """The manifest without ``name``'s optimized graph ``key``, whose files are deleted."""
+    variant = manifest.components[name].optimized.get(key)
+    if variant is None:
+        return manifest
+    (tmp / variant.path).unlink(missing_ok=True)
+    (tmp / variant.path).with_suffix(".onnx_data").unlink(missing_ok=True)
+    return manifest.without_variant(name, key)
+
+
+LAYER_SEARCH_ROUNDS = 5  # bisections of the count of layers kept in fp32: resolution N / 32
+
+
+def _layer_search(tmp: Path, manifest: manifests.Manifest, names: list[str], static: _Calibration, optimize: bool,
+                  progress: Progress | None) -> tuple[manifests.Manifest, dict[str, dict]]:
+    """For each component in ``names`` (int8-static's own effect on the final image missed the
+    bar): the fewest of its int8 layers to keep in fp32 for its own effect to reach the bar.
+
+    Each layer's own quantization error is measured first (:func:`precision_mod.layer_sensitivity`,
+    on the calibration's activations) and the layers are ranked by it, least faithful first. Then
+    the count ``k`` of the least faithful kept in fp32 is bisected on the final image
+    (``measure``, the component's own effect, the rest fp32): ``k = 0`` is int8-static, which
+    missed; ``k = N`` is the fp32 graph. The components are searched in the same measurements.
+    The graph with the smallest ``k`` that held is the component's ``cpu-mixed`` variant
+    (``model.cpu-mixed.onnx``); its ``kept_float`` names each layer with its measured error.
+    Returns the manifest and {component: {"default", "image_psnr", "layers"}} for those that held
+    below ``k = N``."""
+    ranked, sensitivity = {}, {}
+    for i, name in enumerate(names):
+        if progress:
+            progress(f"mixed: measuring {name}'s layers in int8 one at a time", i, len(names))
+        portable = tmp / manifest.components[name].path
+        stream = precision_mod.STATIC_COMPONENTS[name]
+        targets, _ = precision_mod.static_targets(onnx.load(str(portable), load_external_data=False), stream)
+        db = precision_mod.layer_sensitivity(portable, static.feeds[name],
+                                             precision_mod.calibrated_ranges(static.ranges[name]), targets)
+        sensitivity[name] = db
+        ranked[name] = sorted(db, key=lambda n: (np.inf if db[n] is None else db[n], n))
+    lo = dict.fromkeys(names, 0)
+    hi = {name: len(ranked[name]) for name in names}
+    found: dict[str, dict] = {}
+    rounds: list[dict] = []
+
+    def write(name: str, k: int) -> manifests.Manifest:
+        portable = tmp / manifest.components[name].path
+        target = portable.with_name(f"model.{manifests.variant_key('cpu', 'mixed')}.onnx")
+        n = len(ranked[name])
+        keep = {layer: f"{sensitivity[name][layer]} dB alone in int8: among the {k} of {n} least faithful, "
+                       "kept in fp32 by the mixed precision's search on the final image" for layer in ranked[name][:k]}
+        report = precision_mod.quantize_int8_static(portable, target, static.feeds[name], optimize=optimize,
+                                                    stream_input=precision_mod.STATIC_COMPONENTS[name], keep=keep,
+                                                    ranges=static.ranges[name])
+        return manifest.with_variant(name, manifests.variant_key("cpu", "mixed"), manifests.Variant(
+            f"{name}/{target.name}", "mixed", report.custom_ops,
+            {"quantized": report.counts, "bf16_attention": report.bf16_attention, "kept_float": report.kept_float}))
+
+    written: dict[str, int] = {}
+    for r in range(LAYER_SEARCH_ROUNDS):
+        trial = {name: (lo[name] + hi[name]) // 2 for name in names if hi[name] - lo[name] > 1}
+        if not trial:
+            break
+        if progress:
+            progress(f"mixed: layer search, round {r + 1} of {LAYER_SEARCH_ROUNDS}", r, LAYER_SEARCH_ROUNDS)
+        for name, k in trial.items():
+            manifest = write(name, k)
+            written[name] = k
+        record = manifests.PrecisionRecord({name: {"precision": MIXED_LAYERS} for name in trial},
+                                           precision_mod.DEFAULT_MIN_PSNR)
+        manifest = manifest.with_precision("cpu", "mixed", record)
+        _save_manifest(tmp, manifest)
+        f = precision_mod.measure(tmp, "mixed", device="cpu")
+        step = {}
+        for name, k in trial.items():
+            own = f["components"].get(name) or {"default": True, "image_psnr": None}
+            step[name] = {"kept_float": k, "image_psnr": own["image_psnr"]}
+            if own["default"]:
+                hi[name] = k
+                found[name] = {"default": True, "image_psnr": own["image_psnr"]}
+            else:
+                lo[name] = k
+        rounds.append(step)
+        log.info("mixed layer search %d: %s", r + 1,
+                 ", ".join(f"{n} {s['kept_float']} in fp32: {s['image_psnr']} dB" for n, s in step.items()))
+    for name in found:
+        if written.get(name) != hi[name]:
+            manifest = write(name, hi[name])
+        n = len(ranked[name])
+        found[name]["layers"] = {
+            "int8": n - hi[name], "kept_float": hi[name], "of": n,
+            "ranked_by": "each layer's own int8 error (dB), measured alone on the calibration's activations",
+            "rounds": [{"kept_float": s[name]["kept_float"], "image_psnr": s[name]["image_psnr"]}
+                       for s in rounds if name in s]}
+    for name in names:
+        if name not in found:  # nothing held below all-fp32: no graph
+            manifest = _drop_variant(tmp, manifest, name, manifests.variant_key("cpu", "mixed"))
+    return manifest, found
 
 
 def _cuda_available() -> bool:

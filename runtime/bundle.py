@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdrt.runtime.backends import kernels
 from sdrt.runtime.errors import CheckpointError
-from sdrt.runtime.precision import PRECISION_KINDS, int8_saturates
+from sdrt.runtime.precision import MIXED_LAYERS, PRECISION_KINDS, int8_saturates
 from sdrt.runtime.spec import ComponentSpec
 from sdrt.runtime.text.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID
 
@@ -302,6 +302,12 @@ class Manifest:
         c = dataclasses.replace(c, optimized={**c.optimized, key: variant})
         return dataclasses.replace(self, components={**self.components, component: c})
 
+    def without_variant(self, component: str, key: str) -> Manifest:
+        """This manifest without ``component``'s optimized graph ``key``."""
+        c = self.components[component]
+        c = dataclasses.replace(c, optimized={k: v for k, v in c.optimized.items() if k != key})
+        return dataclasses.replace(self, components={**self.components, component: c})
+
     def with_precision(self, kind: str, precision: str, record: PrecisionRecord) -> Manifest:
         """This manifest with ``record`` as the export's record of ``precision`` for ``kind``."""
         kinds = {**self.precisions, kind: {**self.precisions.get(kind, {}), precision: record}}
@@ -502,6 +508,7 @@ class Bundle:
             return self.component(name)
         if precision == "mixed":  # per component, the precision the export's measurement chose
             precision = self.mixed_components(device).get(name, "fp32")
+            precision = "mixed" if precision == MIXED_LAYERS else precision  # its own graph, cpu-mixed
         for key in dict.fromkeys((variant_key(kind, precision), variant_key(kind))):
             variant = variants.get(key)
             if not variant:
@@ -534,9 +541,11 @@ class Bundle:
         record = self.schema.precisions.get(device.split(":")[0], {}).get("mixed")
         if record is None:
             return {}
-        # what the manifest names, where it is one of the CPU precisions with graphs; else fp32
-        return {k: v.get("precision") if isinstance(v, dict) and v.get("precision") in ("int8", "int8-static")
-                else "fp32" for k, v in record.components.items()}
+        # what the manifest names, where it is one of the CPU precisions with graphs (or the
+        # component's own per-layer graph); else fp32
+        return {k: v.get("precision") if isinstance(v, dict)
+                and v.get("precision") in ("int8", "int8-static", MIXED_LAYERS) else "fp32"
+                for k, v in record.components.items()}
 
     @staticmethod
     def _holds_here(precision: str, record: PrecisionRecord) -> bool:

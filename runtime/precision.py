@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 # int8-static CPU graphs, fp16 CUDA graphs; mixed: per component the fastest CPU variant whose
 # measured effect on the final image holds, no graphs of its own (Bundle.graph)
 PRECISION_KINDS = {"int8": "cpu", "int8-static": "cpu", "mixed": "cpu", "fp16": "cuda"}
+# What a component of ``mixed`` runs when int8-static held only with some layers kept in fp32,
+# chosen by measurement at export: its own graph, the ``cpu-mixed`` variant (model.cpu-mixed.onnx)
+MIXED_LAYERS = "int8-static per layer"
 PRECISIONS = ("fp32", *PRECISION_KINDS)
 
 

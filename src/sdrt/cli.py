@@ -381,6 +381,8 @@ def _model_upscaler(name: str, folder: str, device: str, tile: int, overlap: int
 @click.option("--precision", "precisions", multiple=True, type=click.Choice(list(PRECISIONS)),
               help="Also write reduced-precision graphs (repeatable): int8 = the CPU UNet's MatMuls quantized "
               "dynamically; int8-static = its convolutions and MatMuls, activation ranges calibrated at export; "
+              "mixed = per component the fastest of those whose own effect held, int8-static with its least "
+              "faithful layers kept in fp32 where whole it did not (searched on the final image); "
               "each measured against fp32 and the CPU default at >= 35 dB; fp16 = every component for --device "
               "cuda. fp32 is always written.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
@@ -411,7 +413,9 @@ def _precision_line(kind: str, name: str, record: dict) -> str:
         measured = f"final image {db} vs fp32, max abs {f['image_max_abs']}/255"
     use = f"the {kind} default" if record["default"] else f"opt-in (--precision {name})"
     if name == "mixed":  # what each component runs, chosen by its own measured effect
-        chosen = ", ".join(f"{c} {v['precision']}" for c, v in record["components"].items() if v["precision"] != "fp32")
+        chosen = ", ".join(f"{c} {v['precision']}" + (f" ({v['layers']['int8']} of {v['layers']['of']} layers in int8)"
+                                                      if "layers" in v else "")
+                           for c, v in record["components"].items() if v["precision"] != "fp32")
         if not chosen:
             return f"mixed ({kind}): no component's variant held {record['min_default_psnr']} dB alone: fp32"
         return f"mixed ({kind}, {chosen}): {measured}; {use}"
