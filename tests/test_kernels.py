@@ -18,7 +18,7 @@ def group_norm_ref(x, gamma, beta, groups, eps, silu):
 
 def test_library_is_built():
     assert kernels.available(), f"missing {kernels.library_path()}"
-    assert kernels.load().sdrt_kernels_abi_version() == 2
+    assert kernels.load().sdrt_kernels_abi_version() == 3
 
 
 @pytest.mark.parametrize("silu", [False, True])
@@ -164,3 +164,78 @@ def test_attention_op_in_onnx_runtime():
     np.testing.assert_allclose(scaled, attention_ref(feeds["q"], feeds["k"], feeds["v"], 4, 0.2), rtol=1e-5, atol=1e-5)
     with pytest.raises(Exception, match="hidden size 48 is not a multiple of 5 heads"):
         _attention_session("Attention", "ai.sdrt", 5, 48).run(None, feeds)
+
+
+# -- Conv3x3 (Winograd F(4x4, 3x3)) ---------------------------------------------------------------
+
+def conv3x3_ref(x, w, b):
+    import torch
+
+    return torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(),
+                                      None if b is None else torch.from_numpy(b).double(), padding=1).numpy()
+
+
+@pytest.mark.parametrize("shape", [
+    (1, 1, 1, 1, 1),      # one pixel: every tap but the centre reads padding
+    (1, 3, 5, 7, 2),      # sizes that fill no 4x4 tile, channels that fill no block of 16
+    (2, 16, 9, 13, 20),   # two images, a partial panel of tiles
+    (8, 1024, 16, 16, 17),  # 128 tiles of 1024 channels: more than one chunk of tiles
+])
+@pytest.mark.parametrize("portable", [False, True])
+def test_conv3x3_matches_the_direct_convolution(shape, portable):
+    """Winograd's F(4x4, 3x3) equals the direct convolution (float64) up to float32 rounding, with
+    and without a bias, on either product kernel."""
+    n, c, h, w, k = shape
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = (rng.standard_normal((k, c, 3, 3)) / (3 * c**0.5)).astype(np.float32)
+    b = rng.standard_normal(k).astype(np.float32)
+    for bias in (b, None):
+        ref = conv3x3_ref(x, wt, bias)
+        out, form = kernels.conv3x3(x, wt, bias, portable=portable)
+        assert form == ("portable" if portable else "avx2" if kernels.conv3x3_avx2_supported() else "portable")
+        scale = np.abs(ref).max()
+        assert np.abs(out - ref).max() <= 2e-5 * scale, (np.abs(out - ref).max(), scale)
+    other = kernels.conv3x3(x, -wt, b, portable=portable)[0]  # the filters are read, not remembered
+    assert np.abs(other - conv3x3_ref(x, -wt, b)).max() <= 2e-5 * np.abs(ref).max() + 2e-5 * np.abs(b).max()
+
+
+def test_conv3x3_rejects_bad_shapes():
+    x = np.zeros((1, 4, 8, 8), np.float32)
+    with pytest.raises(Exception, match=r"conv3x3: x must be \[N, C, H, W\] and w \[K, C, 3, 3\]"):
+        kernels.conv3x3(x, np.zeros((2, 3, 3, 3), np.float32))
+    with pytest.raises(Exception, match=r"bias must be \[2\]"):
+        kernels.conv3x3(x, np.zeros((2, 4, 3, 3), np.float32), np.zeros(3, np.float32))
+
+
+def _conv3x3_session(op: str, w: np.ndarray, b: np.ndarray, threads: int = 2):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = (helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1]) if op == "Conv"
+            else helper.make_node("Conv3x3", ["x", "w", "b"], ["y"], domain="ai.sdrt"))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.sdrt", 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.register_custom_ops_library(str(kernels.library_path()))
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def test_conv3x3_op_in_onnx_runtime():
+    """The op as sessions run it (its phases on the session's threads): ONNX Runtime's Conv up to
+    float32 rounding, for two sizes in one session (its scratch reused and grown), and bad shapes
+    one clear error."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((40, 24, 3, 3)) / 15).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    ours, ref = _conv3x3_session("Conv3x3", w, b), _conv3x3_session("Conv", w, b)
+    for shape in ((2, 24, 30, 22), (1, 24, 64, 64), (2, 24, 7, 5)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        y, r = ours.run(None, {"x": x})[0], ref.run(None, {"x": x})[0]
+        assert y.shape == r.shape == (shape[0], 40, *shape[2:])
+        assert np.abs(y - r).max() <= 2e-5 * np.abs(r).max()
+    with pytest.raises(Exception, match=r"ai.sdrt.Conv3x3: X must be \[N, C, H, W\], W \[K, C, 3, 3\] and B \[K\]"):
+        ours.run(None, {"x": np.zeros((1, 23, 8, 8), np.float32)})

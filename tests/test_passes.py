@@ -243,6 +243,32 @@ def test_gelu_left_alone_with_other_constants(constants):
     assert np.max(np.abs(want - _run(_gelu_graph(), {"x": GELU_X})[0])) > 1e-3
 
 
+def _conv_graph(**attrs):
+    """x [n, 8, h, w] -> Conv (3x3 weights [12, 8, 3, 3], bias) with ``attrs``."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((12, 8, 3, 3)).astype(np.float32) / 8
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.standard_normal(12).astype(np.float32), "b")]
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="the_conv", **attrs)
+    return _model([conv], [helper.make_tensor_value_info("x", F, ["n", 8, "h", "w"])], [_out("y", 4)], inits)
+
+
+def test_winograd_conv_takes_3x3_padding_1_stride_1():
+    """A 3x3 convolution of padding 1 and stride 1 becomes ai.sdrt.Conv3x3, keeping its name and
+    its weight and bias inputs, and computes the same to float32 rounding; other strides, paddings,
+    dilations and groups are left alone."""
+    model = _conv_graph(pads=[1, 1, 1, 1], strides=[1, 1], kernel_shape=[3, 3])
+    fused, counts = _fused(model, ["conv3x3"])
+    assert counts == {"conv3x3": 1} and _ops(fused) == ["Conv3x3"]
+    node = fused.graph.node[0]
+    assert node.domain == "ai.sdrt" and node.name == "the_conv" and list(node.input) == ["x", "w", "b"]
+    x = np.random.default_rng(3).standard_normal((2, 8, 13, 10)).astype(np.float32)
+    ref, ours = _run(model, {"x": x})[0], _run(fused, {"x": x})[0]
+    assert np.abs(ours - ref).max() <= 2e-5 * np.abs(ref).max()
+    for attrs in ({"pads": [0, 0, 0, 0]}, {"pads": [1, 1, 1, 1], "strides": [2, 2]},
+                  {"pads": [1, 1, 1, 1], "dilations": [2, 2]}, {"pads": [1, 1, 1, 1], "auto_pad": "NOTSET"}, {}):
+        assert _fused(_conv_graph(**attrs), ["conv3x3"])[1] == {"conv3x3": 0}, attrs
+
+
 def test_fold_constants_and_dead_nodes():
     nodes = [_const("a", np.array([2, 3], np.int64)), _const("b", np.array([4], np.int64)),
              helper.make_node("Concat", ["a", "b"], ["shape"], axis=0),
@@ -343,6 +369,16 @@ def test_sd15_unet_every_attention_and_group_norm_fused(tmp_path):
     assert _ops(portable).count("InstanceNormalization") == 61 and counts["group_norm"] == 61
     assert _ops(portable).count("Softmax") == 32 and counts["attention"] == 32
     assert counts["gelu"] == 16 and counts["layer_norm"] == 48
+    # Winograd: the 3x3 convolutions of at most 640 output channels (and 1920 in): conv_in, conv_out
+    # and the ResNet convolutions of the two largest resolutions (down blocks 0-1, up blocks 2-3),
+    # with up block 2's upsampler; the stride-2 downsamplers, the 1x1 shortcuts and the
+    # 1280-channel levels stay ONNX Runtime's Conv
+    conv3x3 = {n.name for n in fused.graph.node if n.op_type == "Conv3x3"}
+    resnets = {f"/unet/{block}/resnets.{i}/conv{j}/Conv" for block, count in
+               (("down_blocks.0", 2), ("down_blocks.1", 2), ("up_blocks.2", 3), ("up_blocks.3", 3))
+               for i in range(count) for j in (1, 2)}
+    assert conv3x3 == resnets | {"/unet/conv_in/Conv", "/unet/conv_out/Conv", "/unet/up_blocks.2/upsamplers.0/conv/Conv"}
+    assert counts["conv3x3"] == 23 and _ops(fused).count("Conv") == 75
     assert _ops(fused).count("GroupNorm") == 61 and _ops(fused).count("MultiHeadAttention") == 32
     assert "InstanceNormalization" not in _ops(fused) and "Softmax" not in _ops(fused)
     # the reduced-precision graphs' pass: the 16 self-attentions, not the 16 cross-attentions

@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-// Version of the kernels ABI; bumped when an entry point is added or changes (2: attention).
+// Version of the kernels ABI; bumped when an entry point is added or changes (2: attention, 3: conv3x3).
 SDRT_API int32_t sdrt_kernels_abi_version(void);
 
 // GroupNorm over x[n, c, h*w] (NCHW) or x[n, h*w, c] (NHWC), per-channel affine, then SiLU if
@@ -27,6 +27,13 @@ SDRT_API int32_t sdrt_group_norm_f32(const float* x, const float* gamma, const f
 // ran (1 float32, 2 bf16, 3 portable float32), -1 on bad arguments, -2 out of memory.
 SDRT_API int32_t sdrt_attention_f32(const float* q, const float* k, const float* v, float* out, int64_t b,
                                     int64_t s, int64_t l, int64_t heads, int64_t d, float scale, int32_t math);
+
+// 3x3 convolution, padding 1, stride 1, NCHW float32, by Winograd's F(4x4, 3x3): y [n, k, h, w] =
+// conv(x [n, c, h, w], w [k, c, 3, 3]) + bias [k] (bias may be null). One thread; `portable`
+// forces the portable product kernel. Returns 1 when the AVX2/FMA kernel ran, 0 the portable one,
+// -1 on bad arguments, -2 out of memory.
+SDRT_API int32_t sdrt_conv3x3_f32(const float* x, const float* w, const float* bias, float* y, int64_t n,
+                                  int64_t c, int64_t h, int64_t width, int64_t k, int32_t portable);
 
 #ifdef __cplusplus
 }

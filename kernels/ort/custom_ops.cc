@@ -19,11 +19,16 @@
 //                                    q k^T) v per item and head, as com.microsoft.MultiHeadAttention
 //                                    without masks or biases. CPU execution provider, parallel
 //                                    over (item, head, block of query rows).
+//   Conv3x3(X, W, B) -> Y            X [N, C, H, W], W [K, C, 3, 3], B [K], float32: Y [N, K, H, W]
+//                                    = Conv(X, W, B) with padding 1, stride 1, no dilation or
+//                                    groups, by Winograd's F(4x4, 3x3) (winograd/winograd.h). CPU
+//                                    execution provider, each phase parallel on the intra-op threads.
 //
 // The CUDA build is a separate library so that the CPU one never depends on the CUDA runtime; it
 // registers the CPU op too, and a session loads one of the two.
 #include <atomic>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <string>
 #include <vector>
@@ -32,6 +37,7 @@
 #include "common/api.h"
 #include "group_norm/group_norm.h"
 #include "onnxruntime_c_api.h"
+#include "winograd/winograd.h"
 #ifdef SDRT_WITH_CUDA
 #include "group_norm/group_norm_cuda.h"
 #endif
@@ -294,10 +300,97 @@ OrtStatus* ORT_API_CALL attention_compute_v2(void* kernel, OrtKernelContext* con
 
 void ORT_API_CALL attention_destroy(void* kernel) { delete static_cast<AttentionKernel*>(kernel); }
 
+// -- Conv3x3 --------------------------------------------------------------------------------------
+
+struct Conv3x3Call {
+  sdrt::Conv3x3Job* job;
+  int64_t chunk = 0;
+  std::atomic<bool> failed{false};
+};
+
+template <void (sdrt::Conv3x3Job::*kTask)(int64_t, int64_t)>
+void conv3x3_chunk_task(void* data, size_t task) {
+  auto* call = static_cast<Conv3x3Call*>(data);
+  try {
+    (call->job->*kTask)(call->chunk, static_cast<int64_t>(task));
+  } catch (...) {
+    call->failed = true;
+  }
+}
+
+void conv3x3_filter_task(void* data, size_t task) {
+  auto* call = static_cast<Conv3x3Call*>(data);
+  try {
+    call->job->filter_task(static_cast<int64_t>(task));
+  } catch (...) {
+    call->failed = true;
+  }
+}
+
+OrtStatus* conv3x3_compute(OrtKernelContext* context) {
+  const OrtValue* in[3] = {};
+  std::vector<int64_t> shapes[3];
+  SDRT_RETURN_IF_ERROR(three_inputs(context, in, shapes));
+  const std::vector<int64_t>&xd = shapes[0], &wd = shapes[1], &bd = shapes[2];
+  if (xd.size() != 4 || wd.size() != 4 || wd[2] != 3 || wd[3] != 3 || wd[1] != xd[1] || bd.size() != 1 ||
+      bd[0] != wd[0])
+    return g_api->CreateStatus(ORT_INVALID_ARGUMENT,
+                               "ai.sdrt.Conv3x3: X must be [N, C, H, W], W [K, C, 3, 3] and B [K]");
+  sdrt::Conv3x3Shape s{xd[0], xd[1], xd[2], xd[3], wd[0]};
+  const std::vector<int64_t> yd{s.n, s.k, s.h, s.w};
+  OrtValue* y = nullptr;
+  SDRT_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(context, 0, yd.data(), yd.size(), &y));
+  if (s.n == 0 || s.h == 0 || s.w == 0) return nullptr;
+  const float *xp = nullptr, *wp = nullptr, *bp = nullptr;
+  float* yp = nullptr;
+  SDRT_RETURN_IF_ERROR(input_data(in[0], &xp));
+  SDRT_RETURN_IF_ERROR(input_data(in[1], &wp));
+  SDRT_RETURN_IF_ERROR(input_data(in[2], &bp));
+  SDRT_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, reinterpret_cast<void**>(&yp)));
+  const char* oom = "ai.sdrt.Conv3x3: out of memory for the transformed filters and tiles";
+  try {
+    // One scratch for the process, grown to the largest call: sessions run their nodes one at a
+    // time, and a call that finds it busy (another session's, at the same moment) allocates its own
+    static std::mutex shared_mutex;
+    static std::vector<float> shared;
+    std::unique_lock<std::mutex> lock(shared_mutex, std::try_to_lock);
+    std::vector<float> own;
+    sdrt::Conv3x3Job job(s, xp, wp, bp, yp, lock.owns_lock() ? shared : own);
+    Conv3x3Call call{&job};
+    SDRT_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(context, conv3x3_filter_task,
+                                                          static_cast<size_t>(job.filter_tasks()), 0, &call));
+    for (int64_t chunk = 0; chunk < job.chunks() && !call.failed; ++chunk) {
+      call.chunk = chunk;
+      SDRT_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(
+          context, conv3x3_chunk_task<&sdrt::Conv3x3Job::input_task>, static_cast<size_t>(job.input_tasks(chunk)),
+          0, &call));
+      SDRT_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(
+          context, conv3x3_chunk_task<&sdrt::Conv3x3Job::product_task>,
+          static_cast<size_t>(job.product_tasks(chunk)), 0, &call));
+      SDRT_RETURN_IF_ERROR(g_api->KernelContext_ParallelFor(
+          context, conv3x3_chunk_task<&sdrt::Conv3x3Job::output_task>,
+          static_cast<size_t>(job.output_tasks(chunk)), 0, &call));
+    }
+    return call.failed ? g_api->CreateStatus(ORT_FAIL, oom) : nullptr;
+  } catch (const std::bad_alloc&) {
+    return g_api->CreateStatus(ORT_FAIL, oom);
+  }
+}
+
+OrtStatus* ORT_API_CALL conv3x3_create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void** kernel) {
+  *kernel = nullptr;  // no attributes: padding 1, stride 1 are the op's definition
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL conv3x3_compute_v2(void*, OrtKernelContext* context) { return conv3x3_compute(context); }
+
+void ORT_API_CALL conv3x3_destroy(void*) {}
+
 // -- the OrtCustomOp table ------------------------------------------------------------------------
 
 const char* ORT_API_CALL group_norm_name(const OrtCustomOp*) { return "GroupNorm"; }
 const char* ORT_API_CALL attention_name(const OrtCustomOp*) { return "Attention"; }
+const char* ORT_API_CALL conv3x3_name(const OrtCustomOp*) { return "Conv3x3"; }
 const char* ORT_API_CALL cpu_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
 const char* ORT_API_CALL cuda_provider(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
 ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp*, size_t) {
@@ -372,6 +465,8 @@ OrtCustomOp make_group_norm_op(ProviderFn provider, TypeFn input_type, TypeFn ou
 const OrtCustomOp kGroupNorm = make_group_norm_op(cpu_provider, float_type, float_type);
 const OrtCustomOp kAttention = make_op(attention_name, cpu_provider, float_type, float_type, attention_create,
                                        attention_compute_v2, attention_destroy);
+const OrtCustomOp kConv3x3 = make_op(conv3x3_name, cpu_provider, float_type, float_type, conv3x3_create,
+                                     conv3x3_compute_v2, conv3x3_destroy);
 #ifdef SDRT_WITH_CUDA
 const OrtCustomOp kGroupNormCuda = make_group_norm_op(cuda_provider, float_type, float_type);
 const OrtCustomOp kGroupNormCudaHalf = make_group_norm_op(cuda_provider, half_input_type, half_type);
@@ -386,6 +481,7 @@ extern "C" SDRT_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions*
   SDRT_RETURN_IF_ERROR(g_api->CreateCustomOpDomain(kDomain, &domain));
   SDRT_RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &kGroupNorm));
   SDRT_RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &kAttention));
+  SDRT_RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &kConv3x3));
 #ifdef SDRT_WITH_CUDA
   SDRT_RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &kGroupNormCuda));
   SDRT_RETURN_IF_ERROR(g_api->CustomOpDomain_Add(domain, &kGroupNormCudaHalf));

@@ -66,6 +66,8 @@ def load() -> ctypes.CDLL:
     lib.sdrt_group_norm_f32.restype = ctypes.c_int32
     lib.sdrt_attention_f32.argtypes = [f, f, f, f, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int32]
     lib.sdrt_attention_f32.restype = ctypes.c_int32
+    lib.sdrt_conv3x3_f32.argtypes = [f, f, f, f, i64, i64, i64, i64, i64, ctypes.c_int32]
+    lib.sdrt_conv3x3_f32.restype = ctypes.c_int32
     return lib
 
 
@@ -130,3 +132,30 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, scale: fl
     if rc < 0:
         raise SdrtError(f"attention: the kernel refused shapes q {list(q.shape)}, k {list(k.shape)}")
     return out, _ATTENTION_FORMS[rc]
+
+
+def conv3x3_avx2_supported() -> bool:
+    """Whether ai.sdrt.Conv3x3 runs its AVX2/FMA product kernel here."""
+    return conv3x3(np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 1, 3, 3), np.float32))[1] == "avx2"
+
+
+def conv3x3(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, portable: bool = False) -> tuple[np.ndarray, str]:
+    """Conv(x, w, bias) with padding 1 and stride 1 by the compiled Winograd F(4x4, 3x3) kernel
+    (ai.sdrt.Conv3x3), one thread: x [N, C, H, W], w [K, C, 3, 3], bias [K] (float32). Returns the
+    output and the product kernel that ran ("avx2" or "portable"; ``portable`` forces the latter)."""
+    x, w = (np.ascontiguousarray(a, dtype=np.float32) for a in (x, w))
+    if x.ndim != 4 or w.ndim != 4 or w.shape[1] != x.shape[1] or w.shape[2:] != (3, 3):
+        raise SdrtError(f"conv3x3: x must be [N, C, H, W] and w [K, C, 3, 3]; got {list(x.shape)}, {list(w.shape)}")
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    if b is not None and b.shape != (w.shape[0],):
+        raise SdrtError(f"conv3x3: bias must be [{w.shape[0]}], got {list(b.shape)}")
+    n, c, h, width = x.shape
+    y = np.empty((n, w.shape[0], h, width), np.float32)
+    f = ctypes.POINTER(ctypes.c_float)
+    rc = load().sdrt_conv3x3_f32(x.ctypes.data_as(f), w.ctypes.data_as(f), None if b is None else b.ctypes.data_as(f),
+                                 y.ctypes.data_as(f), n, c, h, width, w.shape[0], int(portable))
+    if rc == -2:
+        raise SdrtError(f"conv3x3: out of memory for x {list(x.shape)}, w {list(w.shape)}")
+    if rc < 0:
+        raise SdrtError(f"conv3x3: the kernel refused x {list(x.shape)}, w {list(w.shape)}")
+    return y, "avx2" if rc == 1 else "portable"
