@@ -542,7 +542,7 @@ def _restore_fp32_constants(model, keep_fp32: tuple[str, ...]) -> None:
 
 def measure(bundle_dir: str | Path, precision: str, *, device: str = "cpu", prompt: str | None = None,
             steps: int = 10, samplers: tuple[str, ...] = MEASURE_SAMPLERS, seed: int = 1,
-            max_size: int = 256) -> dict:
+            max_size: int = 256, reference: dict | None = None) -> dict:
     """Final-image fidelity of ``precision`` against the fp32 graphs, on one generation per sampler,
     whole and per component.
 
@@ -557,7 +557,11 @@ def measure(bundle_dir: str | Path, precision: str, *, device: str = "cpu", prom
     ``components`` holds each component's own effect on the final image: the others left in fp32
     (the UNet's: its sampling decoded by the fp32 VAE; the VAE decoder's: the fp32 latents decoded
     by it; the text encoder's: its conditioning sampled and decoded in fp32), for each component
-    whose graph differs from the fp32 pipeline's."""
+    whose graph differs from the fp32 pipeline's.
+
+    ``reference``: a dict kept by the caller across calls on the same bundle, holding the fp32
+    generations (plan, conditioning, latents, image) per request, so that later calls sample only
+    the precision measured (the ``mixed`` layer search measures several graphs in turn)."""
     from sdrt.runtime.metrics import psnr
 
     prompt = prompt or "a red circle on a blue background"
@@ -576,10 +580,21 @@ def measure(bundle_dir: str | Path, precision: str, *, device: str = "cpu", prom
     for sampler in samplers:
         params = pipeline.GenerationParams(prompt, steps=steps, sampler_name=sampler, seed=seed, width=width,
                                            height=height, cfg_scale=7.0)
-        plans = {p: pipe.plan(params) for p, pipe in pipes.items()}
-        conds = {p: pipe.conditioning(plans[p]) for p, pipe in pipes.items()}
-        latents = {p: pipe.sample(plans[p], plans[p].batches[0], *conds[p]) for p, pipe in pipes.items()}
-        a, b = image(ref, latents["fp32"]), image(var, latents[precision])
+        key = (sampler, prompt, steps, seed, width, height)
+        if reference is None or key not in reference:
+            plan = ref.plan(params)
+            cond = ref.conditioning(plan)
+            lat = ref.sample(plan, plan.batches[0], *cond)
+            fp32 = (plan, cond, lat, image(ref, lat))
+            if reference is not None:
+                reference[key] = fp32
+        else:
+            fp32 = reference[key]
+        plans = {"fp32": fp32[0], precision: var.plan(params)}
+        conds = {"fp32": fp32[1], precision: var.conditioning(plans[precision])}
+        latents = {"fp32": fp32[2], precision: var.sample(plans[precision], plans[precision].batches[0],
+                                                          *conds[precision])}
+        a, b = fp32[3], image(var, latents[precision])
         runs.append({"sampler": sampler, **compare(a, b),
                      "latents_psnr": _finite(psnr(latents["fp32"], latents[precision]))})
         for name in varied:

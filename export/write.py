@@ -506,35 +506,46 @@ def _write_mixed(tmp: Path, manifest: manifests.Manifest, progress: Progress | N
                  static: _Calibration | None = None, optimize: bool = True) -> manifests.Manifest:
     """The ``mixed`` CPU precision: per component the fastest variant whose own measured effect on
     the final image reached the bar (``components`` of each precision's measurement): int8-static,
-    then int8-static with its least faithful layers kept in fp32 (:func:`_layer_search`, for the
-    components whose int8-static missed the bar), then int8; the rest fp32. The combination is
-    then measured as a whole, and while it misses the bar the component whose choice cost the most
-    steps down to its next variant."""
+    then int8-static with its least faithful layers kept in fp32 (:class:`_LayerSearch`, for the
+    components whose int8-static missed the bar; each count of layers kept that held is an option,
+    fewest first), then int8; the rest fp32. The combination is then measured as a whole, and while
+    it misses the bar the component whose choice cost the most steps down to its next option."""
     cpu = manifest.precisions.get("cpu", {})
 
     def effects(precision: str) -> dict:
         return ((cpu.get(precision) or manifests.PrecisionRecord({})).fidelity or {}).get("components", {})
 
+    reference: dict = {}  # the fp32 generations, measured once for every measurement below
     missed = [name for name, effect in effects("int8-static").items()
               if not effect.get("default") and name in precision_mod.STATIC_COMPONENTS]
-    layered: dict[str, dict] = {}
+    search = None
     if missed and static is not None and all(p.exists() for p in static.ranges.values()):
-        manifest, layered = _layer_search(tmp, manifest, missed, static, optimize, progress)
+        search = _LayerSearch(tmp, static, optimize, reference)
+        manifest = search.run(manifest, missed, progress)
     elif missed and static is not None:
         log.warning("mixed: this onnxruntime keeps no calibration cache; no per-layer search")
-    options: dict[str, list[tuple[str, float | None]]] = {}  # component -> [(precision, its own PSNR)], fastest first
+    # component -> [(precision, its own PSNR, layers kept in fp32)], fastest first
+    options: dict[str, list[tuple[str, float | None, int | None]]] = {}
     for name in manifest.components:
         for precision in ("int8-static", MIXED_LAYERS, "int8"):
-            effect = layered.get(name) if precision == MIXED_LAYERS else effects(precision).get(name)
-            if effect and effect.get("default"):
-                options.setdefault(name, []).append((precision, effect.get("image_psnr")))
+            if precision == MIXED_LAYERS:
+                options.setdefault(name, []).extend(
+                    (precision, db, k) for k, db in (search.held.get(name, []) if search else []))
+            elif (effect := effects(precision).get(name)) and effect.get("default"):
+                options.setdefault(name, []).append((precision, effect.get("image_psnr"), None))
+    options = {name: o for name, o in options.items() if o}
     choice = {name: 0 for name in manifest.components if name in options}  # in the bundle's order
     tried = []
     while True:
-        chosen = {name: options[name][k][0] if k < len(options[name]) else "fp32" for name, k in choice.items()}
-        components = {name: {"precision": p, "own_image_psnr": next((db for q, db in options[name] if q == p), None),
-                             **({"layers": layered[name]["layers"]} if p == MIXED_LAYERS else {})}
-                      for name, p in chosen.items()}
+        picked = {name: options[name][i] if i < len(options[name]) else ("fp32", None, None)
+                  for name, i in choice.items()}
+        chosen = {name: p for name, (p, _, _) in picked.items()}
+        for name, (p, _, k) in picked.items():
+            if p == MIXED_LAYERS:
+                manifest = search.write(manifest, name, k)
+        components = {name: {"precision": p, "own_image_psnr": db,
+                             **({"layers": search.record(name, k)} if p == MIXED_LAYERS else {})}
+                      for name, (p, db, k) in picked.items()}
         record = manifests.PrecisionRecord(components, precision_mod.DEFAULT_MIN_PSNR)
         manifest = manifest.with_precision("cpu", "mixed", record)
         _save_manifest(tmp, manifest)
@@ -542,19 +553,22 @@ def _write_mixed(tmp: Path, manifest: manifests.Manifest, progress: Progress | N
             break  # nothing held its own: mixed is fp32, opt-in and not measured
         if progress:
             progress("measuring mixed against fp32", 1, 2)
-        f = {**precision_mod.measure(tmp, "mixed", device="cpu"), "device": "cpu", "tried": tried}
+        f = {**precision_mod.measure(tmp, "mixed", device="cpu", reference=reference), "device": "cpu",
+             "tried": tried}
         record = dataclasses.replace(record, fidelity=f, default=f["default"])
         manifest = manifest.with_precision("cpu", "mixed", record)
-        log.info("mixed (%s): final image %s dB against fp32", ", ".join(f"{k} {v}" for k, v in chosen.items()),
-                 f["image_psnr"])
+        log.info("mixed (%s): final image %s dB against fp32",
+                 ", ".join(f"{n} {p}" + (f" ({k} layers in fp32)" if k is not None else "")
+                           for n, (p, _, k) in picked.items()), f["image_psnr"])
         if f["default"]:
             break
-        tried.append({"components": chosen, "image_psnr": f["image_psnr"]})
+        tried.append({"components": {n: p if k is None else f"{p}, {k} layers in fp32"
+                                     for n, (p, _, k) in picked.items()}, "image_psnr": f["image_psnr"]})
         # the choice whose own effect was the largest (lowest PSNR) steps down
         worst = min((n for n, p in chosen.items() if p != "fp32"),
                     key=lambda n: components[n]["own_image_psnr"] or float("inf"))
         choice[worst] += 1
-    for name in layered:  # a per-layer graph the combination stepped down from is not kept
+    for name in (search.held if search else {}):  # a per-layer graph the combination stepped down from goes
         if chosen.get(name) != MIXED_LAYERS:
             manifest = _drop_variant(tmp, manifest, name, manifests.variant_key("cpu", "mixed"))
     return manifest
@@ -573,89 +587,97 @@ def _drop_variant(tmp: Path, manifest: manifests.Manifest, name: str, key: str) 
 LAYER_SEARCH_ROUNDS = 5  # bisections of the count of layers kept in fp32: resolution N / 32
 
 
-def _layer_search(tmp: Path, manifest: manifests.Manifest, names: list[str], static: _Calibration, optimize: bool,
-                  progress: Progress | None) -> tuple[manifests.Manifest, dict[str, dict]]:
-    """For each component in ``names`` (int8-static's own effect on the final image missed the
-    bar): the fewest of its int8 layers to keep in fp32 for its own effect to reach the bar.
+class _LayerSearch:
+    """For components whose int8-static graph missed the bar on its own: how many of their int8
+    layers to keep in fp32 for their own effect on the final image to reach it.
 
     Each layer's own quantization error is measured first (:func:`precision_mod.layer_sensitivity`,
     on the calibration's activations) and the layers are ranked by it, least faithful first. Then
     the count ``k`` of the least faithful kept in fp32 is bisected on the final image
     (``measure``, the component's own effect, the rest fp32): ``k = 0`` is int8-static, which
-    missed; ``k = N`` is the fp32 graph. The components are searched in the same measurements.
-    The graph with the smallest ``k`` that held is the component's ``cpu-mixed`` variant
-    (``model.cpu-mixed.onnx``); its ``kept_float`` names each layer with its measured error.
-    Returns the manifest and {component: {"default", "image_psnr", "layers"}} for those that held
-    below ``k = N``."""
-    ranked, sensitivity = {}, {}
-    for i, name in enumerate(names):
-        if progress:
-            progress(f"mixed: measuring {name}'s layers in int8 one at a time", i, len(names))
-        portable = tmp / manifest.components[name].path
-        stream = precision_mod.STATIC_COMPONENTS[name]
-        targets, _ = precision_mod.static_targets(onnx.load(str(portable), load_external_data=False), stream)
-        db = precision_mod.layer_sensitivity(portable, static.feeds[name],
-                                             precision_mod.calibrated_ranges(static.ranges[name]), targets)
-        sensitivity[name] = db
-        ranked[name] = sorted(db, key=lambda n: (np.inf if db[n] is None else db[n], n))
-    lo = dict.fromkeys(names, 0)
-    hi = {name: len(ranked[name]) for name in names}
-    found: dict[str, dict] = {}
-    rounds: list[dict] = []
+    missed; ``k = N`` is the fp32 graph. The components are searched in the same measurements. A
+    graph written for a count is the component's ``cpu-mixed`` variant (``model.cpu-mixed.onnx``);
+    its ``kept_float`` names each layer kept with its measured error. ``held``: {component: [(k,
+    its own PSNR)]} of the counts that held, fewest first."""
 
-    def write(name: str, k: int) -> manifests.Manifest:
-        portable = tmp / manifest.components[name].path
-        target = portable.with_name(f"model.{manifests.variant_key('cpu', 'mixed')}.onnx")
-        n = len(ranked[name])
-        keep = {layer: f"{sensitivity[name][layer]} dB alone in int8: among the {k} of {n} least faithful, "
-                       "kept in fp32 by the mixed precision's search on the final image" for layer in ranked[name][:k]}
-        report = precision_mod.quantize_int8_static(portable, target, static.feeds[name], optimize=optimize,
+    def __init__(self, tmp: Path, static: _Calibration, optimize: bool, reference: dict):
+        self.tmp, self.static, self.optimize, self.reference = tmp, static, optimize, reference
+        self.ranked: dict[str, list[str]] = {}
+        self.sensitivity: dict[str, dict] = {}
+        self.held: dict[str, list[tuple[int, float | None]]] = {}
+        self.rounds: list[dict] = []
+        self._written: dict[str, int] = {}
+
+    def run(self, manifest: manifests.Manifest, names: list[str], progress: Progress | None) -> manifests.Manifest:
+        for i, name in enumerate(names):
+            if progress:
+                progress(f"mixed: measuring {name}'s layers in int8 one at a time", i, len(names))
+            portable = self.tmp / manifest.components[name].path
+            stream = precision_mod.STATIC_COMPONENTS[name]
+            targets, _ = precision_mod.static_targets(onnx.load(str(portable), load_external_data=False), stream)
+            db = precision_mod.layer_sensitivity(portable, self.static.feeds[name],
+                                                 precision_mod.calibrated_ranges(self.static.ranges[name]), targets)
+            self.sensitivity[name] = db
+            self.ranked[name] = sorted(db, key=lambda n: (np.inf if db[n] is None else db[n], n))
+        lo = dict.fromkeys(names, 0)
+        hi = {name: len(self.ranked[name]) for name in names}
+        for r in range(LAYER_SEARCH_ROUNDS):
+            trial = {name: (lo[name] + hi[name]) // 2 for name in names if hi[name] - lo[name] > 1}
+            if not trial:
+                break
+            if progress:
+                progress(f"mixed: layer search, round {r + 1} of {LAYER_SEARCH_ROUNDS}", r, LAYER_SEARCH_ROUNDS)
+            for name, k in trial.items():
+                manifest = self.write(manifest, name, k)
+            record = manifests.PrecisionRecord({name: {"precision": MIXED_LAYERS} for name in trial},
+                                               precision_mod.DEFAULT_MIN_PSNR)
+            manifest = manifest.with_precision("cpu", "mixed", record)
+            _save_manifest(self.tmp, manifest)
+            f = precision_mod.measure(self.tmp, "mixed", device="cpu", reference=self.reference)
+            step = {}
+            for name, k in trial.items():
+                own = f["components"].get(name) or {"default": True, "image_psnr": None}
+                step[name] = {"kept_float": k, "image_psnr": own["image_psnr"]}
+                if own["default"]:
+                    hi[name] = k
+                    self.held.setdefault(name, []).append((k, own["image_psnr"]))
+                else:
+                    lo[name] = k
+            self.rounds.append(step)
+            log.info("mixed layer search %d: %s", r + 1,
+                     ", ".join(f"{n} {s['kept_float']} in fp32: {s['image_psnr']} dB" for n, s in step.items()))
+        self.held = {name: sorted(held) for name, held in self.held.items()}
+        for name in names:
+            if name not in self.held:  # nothing held below all-fp32: no graph
+                manifest = _drop_variant(self.tmp, manifest, name, manifests.variant_key("cpu", "mixed"))
+        return manifest
+
+    def write(self, manifest: manifests.Manifest, name: str, k: int) -> manifests.Manifest:
+        """``name``'s cpu-mixed graph with its ``k`` least faithful layers in fp32 (unless written last)."""
+        key = manifests.variant_key("cpu", "mixed")
+        if self._written.get(name) == k and key in manifest.components[name].optimized:
+            return manifest
+        portable = self.tmp / manifest.components[name].path
+        target = portable.with_name(f"model.{key}.onnx")
+        n = len(self.ranked[name])
+        keep = {layer: f"{self.sensitivity[name][layer]} dB alone in int8: among the {k} of {n} least faithful, "
+                       "kept in fp32 by the mixed precision's search on the final image"
+                for layer in self.ranked[name][:k]}
+        report = precision_mod.quantize_int8_static(portable, target, self.static.feeds[name], optimize=self.optimize,
                                                     stream_input=precision_mod.STATIC_COMPONENTS[name], keep=keep,
-                                                    ranges=static.ranges[name])
-        return manifest.with_variant(name, manifests.variant_key("cpu", "mixed"), manifests.Variant(
+                                                    ranges=self.static.ranges[name])
+        self._written[name] = k
+        return manifest.with_variant(name, key, manifests.Variant(
             f"{name}/{target.name}", "mixed", report.custom_ops,
             {"quantized": report.counts, "bf16_attention": report.bf16_attention, "kept_float": report.kept_float}))
 
-    written: dict[str, int] = {}
-    for r in range(LAYER_SEARCH_ROUNDS):
-        trial = {name: (lo[name] + hi[name]) // 2 for name in names if hi[name] - lo[name] > 1}
-        if not trial:
-            break
-        if progress:
-            progress(f"mixed: layer search, round {r + 1} of {LAYER_SEARCH_ROUNDS}", r, LAYER_SEARCH_ROUNDS)
-        for name, k in trial.items():
-            manifest = write(name, k)
-            written[name] = k
-        record = manifests.PrecisionRecord({name: {"precision": MIXED_LAYERS} for name in trial},
-                                           precision_mod.DEFAULT_MIN_PSNR)
-        manifest = manifest.with_precision("cpu", "mixed", record)
-        _save_manifest(tmp, manifest)
-        f = precision_mod.measure(tmp, "mixed", device="cpu")
-        step = {}
-        for name, k in trial.items():
-            own = f["components"].get(name) or {"default": True, "image_psnr": None}
-            step[name] = {"kept_float": k, "image_psnr": own["image_psnr"]}
-            if own["default"]:
-                hi[name] = k
-                found[name] = {"default": True, "image_psnr": own["image_psnr"]}
-            else:
-                lo[name] = k
-        rounds.append(step)
-        log.info("mixed layer search %d: %s", r + 1,
-                 ", ".join(f"{n} {s['kept_float']} in fp32: {s['image_psnr']} dB" for n, s in step.items()))
-    for name in found:
-        if written.get(name) != hi[name]:
-            manifest = write(name, hi[name])
-        n = len(ranked[name])
-        found[name]["layers"] = {
-            "int8": n - hi[name], "kept_float": hi[name], "of": n,
-            "ranked_by": "each layer's own int8 error (dB), measured alone on the calibration's activations",
-            "rounds": [{"kept_float": s[name]["kept_float"], "image_psnr": s[name]["image_psnr"]}
-                       for s in rounds if name in s]}
-    for name in names:
-        if name not in found:  # nothing held below all-fp32: no graph
-            manifest = _drop_variant(tmp, manifest, name, manifests.variant_key("cpu", "mixed"))
-    return manifest, found
+    def record(self, name: str, k: int) -> dict:
+        """The manifest's account of ``name``'s search, with ``k`` layers in fp32 chosen."""
+        n = len(self.ranked[name])
+        return {"int8": n - k, "kept_float": k, "of": n,
+                "ranked_by": "each layer's own int8 error (dB), measured alone on the calibration's activations",
+                "rounds": [{"kept_float": s[name]["kept_float"], "image_psnr": s[name]["image_psnr"]}
+                           for s in self.rounds if name in s]}
 
 
 def _cuda_available() -> bool:

@@ -130,7 +130,8 @@ def test_quantize_int8_static(tmp_path):
     assert report.counts == {"QLinearConv": 2}  # conv_a, conv_b; the first and last stay fp32
     assert report.kept_float == {"conv_in": "reads the graph input", "conv_out": "writes the graph output"}
     model = onnx.load(str(dst), load_external_data=False)
-    assert sorted(n.name for n in model.graph.node if n.op_type == "Conv") == ["conv_in", "conv_out"]
+    # fp32, and through the CPU graph passes: sdrt's Winograd convolution
+    assert sorted(n.name for n in model.graph.node if n.op_type == "Conv3x3") == ["conv_in", "conv_out"]
     where = {t.name: {e.key: e.value for e in t.external_data}.get("location") for t in model.graph.initializer}
     assert where["conv_in.weight"] == where["conv_out.weight"] == "model.onnx_data"  # unchanged: shared
     assert report.shared_bytes == (16 * 4 * 9 + 16 + 4 * 16 * 9 + 4) * 4
@@ -430,18 +431,23 @@ def test_mixed_precision_is_chosen_by_measurement(mixed_bundle, tmp_path, monkey
     assert mixed["default"] and mixed["fidelity"]["image_psnr"] >= precision.DEFAULT_MIN_PSNR
     label = f"unet {MIXED_LAYERS} ({layers['int8']} of {n} layers in int8)"
     assert label in stdout
-    vae = mixed["components"]["vae_decoder"]["precision"]
+    vae = mixed["components"]["vae_decoder"]
     if SATURATES:
-        # measured here: the UNet 26 of 63 layers in int8 (own 38.1 dB); the VAE decoder's per-layer
-        # graph held alone (35.7 dB) but not with the UNet's (33.6 dB whole), so it stepped down to fp32
-        assert_db(unet["own_image_psnr"], 38.1)
+        # measured here: the UNet 26 of 63 layers in int8 (own 37.5 dB); the VAE decoder's counts that
+        # held alone were 5, 6 and 13 layers in fp32 of 27 (35.7, 35.7, 59.4 dB); with the UNet's the
+        # first two missed (33.4 dB whole), so it stepped down to 13 (37.5 dB whole)
+        assert_db(unet["own_image_psnr"], 37.5)
         assert 20 <= layers["int8"] <= 32
-        assert vae == "fp32" and "cpu-mixed" not in m["components"]["vae_decoder"]["optimized"]
-        assert not (bundle / "vae_decoder" / "model.cpu-mixed.onnx").exists()
-        assert mixed["fidelity"]["tried"][0]["components"] == {"unet": MIXED_LAYERS, "vae_decoder": MIXED_LAYERS}
-        assert_db(mixed["fidelity"]["image_psnr"], 38.1)
+        assert vae["precision"] == MIXED_LAYERS and 0 < vae["layers"]["int8"] < vae["layers"]["of"]
+        tried = mixed["fidelity"]["tried"]
+        assert tried and all(t["image_psnr"] < precision.DEFAULT_MIN_PSNR for t in tried)
+        assert all(t["components"]["vae_decoder"].startswith(MIXED_LAYERS) for t in tried)
+        # each step kept more of the decoder's layers in fp32 than the one before
+        kept = [int(t["components"]["vae_decoder"].split(", ")[1].split()[0]) for t in tried]
+        assert kept == sorted(kept) and kept[-1] < vae["layers"]["kept_float"]
+        assert_db(mixed["fidelity"]["image_psnr"], 37.5)
     else:
-        assert vae in ("int8-static", "fp32")  # its int8-static held alone with VNNI (43.1 dB)
+        assert vae["precision"] in ("int8-static", MIXED_LAYERS, "fp32")  # its int8-static held alone with VNNI
 
     auto = Pipeline(bundle)
     assert auto.precision == "mixed"
@@ -459,6 +465,8 @@ def test_mixed_precision_is_chosen_by_measurement(mixed_bundle, tmp_path, monkey
     assert ("," in chosen) == (f'Precision: "mixed ({chosen})"' in text)  # quoted where it holds a comma, as the webui does
     assert Pipeline(bundle, precision="int8-static")(prompt="x", steps=1)[0].infotext.count("Precision: int8-static") == 1
 
+    if vae["precision"] == MIXED_LAYERS:
+        assert Path(auto.vae_decoder.path).name == "model.cpu-mixed.onnx"
     # measured where int8 products saturate, it holds on a CPU where they are exact; not the reverse
     monkeypatch.setattr(bundle_mod, "int8_saturates", lambda: not SATURATES)
     assert bundle_mod.open_bundle(bundle).default_precision("cpu") == ("mixed" if SATURATES else "fp32")
