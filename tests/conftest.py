@@ -57,6 +57,18 @@ def sdxl_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def precise_bundle(tmp_path_factory, tiny_checkpoint) -> tuple[Path, str]:
+    """The tiny model exported by the CLI with every reduced precision: int8, fp16, int8-static and
+    ``mixed`` (chosen from the int8 ones' measurements); (bundle, stdout). Tests that write into the
+    bundle remove what they wrote, or copy it first."""
+    out = tmp_path_factory.mktemp("precision") / "tiny-reduced"
+    r = run_sdrt("export", tiny_checkpoint, out, "--precision", "int8", "--precision", "fp16",
+                 "--precision", "int8-static", "--precision", "mixed")
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline(tiny_bundle):
     from sdrt.runtime.pipeline.txt2img import Pipeline
 

@@ -727,11 +727,9 @@ def test_provenance_file_is_json_with_ldm_names(tiny_bundle):
 # -- reduced-precision graphs --
 
 @pytest.fixture(scope="module")
-def precision_bundle(tiny_checkpoint, tmp_path_factory):
-    from sdrt.export.write import export_checkpoint
-
-    return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("prec") / "tiny",
-                             precisions=("fp32", "int8", "int8-static", "fp16"))
+def precision_bundle(precise_bundle):
+    """The tiny model with its fp32, int8, int8-static and fp16 graphs (``sdrt export``'s, shared with test_precision)."""
+    return precise_bundle[0]
 
 
 INT8_GRAPHS = (("unet", "model.cpu-int8.onnx"), ("unet", "model.cpu-int8-static.onnx"),
