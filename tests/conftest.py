@@ -57,6 +57,15 @@ def sdxl_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sd2v_bundle(tmp_path_factory):
+    """A tiny SD 2.x v-prediction model's configs and its bundle (``random_modules(configs, seed=3)``)."""
+    from sdrt.export.tiny import random_bundle, scaled_sd2_configs
+
+    configs = scaled_sd2_configs(v_prediction=True)
+    return configs, random_bundle(configs, tmp_path_factory.mktemp("sd2v") / "b", seed=3)
+
+
+@pytest.fixture(scope="session")
 def precise_bundle(tmp_path_factory, tiny_checkpoint) -> tuple[Path, str]:
     """The tiny model exported by the CLI with every reduced precision: int8, fp16, int8-static and
     ``mixed`` (chosen from the int8 ones' measurements); (bundle, stdout). Tests that write into the

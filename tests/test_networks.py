@@ -870,15 +870,15 @@ def test_lora_on_int8_graphs_costs_no_more_than_quantization(precision_bundle, t
 
 # -- SDXL: both text encoders and the UNet --
 
-def test_sdxl_lora_matches_the_merged_export(tmp_path, caplog):
+def test_sdxl_lora_matches_the_merged_export(tmp_path, caplog, sdxl_bundle):
     """An SDXL LoRA in kohya's naming (``lora_te1_`` CLIP ViT-L, ``lora_te2_`` OpenCLIP bigG, the UNet
-    in LDM and in diffusers names) applied to a bundle gives the image of the bundle exported from
-    the torch modules with the network merged the webui's way."""
-    from sdrt.export.tiny import random_modules, scaled_sdxl_configs
+    in LDM and in diffusers names) applied to a bundle (conftest's tiny SDXL) gives the image of the
+    bundle exported from its torch modules with the network merged the webui's way."""
+    from sdrt.export.tiny import random_modules
     from sdrt.export.write import export_modules
 
-    configs = scaled_sdxl_configs()
-    modules = random_modules(configs, seed=0)
+    configs, base = copy.deepcopy(sdxl_bundle)
+    modules = random_modules(configs, seed=3)  # the bundle's weights
     unet, _, te1, te2 = modules
     g = torch.Generator().manual_seed(5)
 
@@ -915,7 +915,6 @@ def test_sdxl_lora_matches_the_merged_export(tmp_path, caplog):
     webui_merge(tensors, layers, 0.8, 0.6)
 
     source = {"name": "xl", "kind": "random", "sha256": None, "hash": None}
-    base = export_modules(*modules[:3], configs, tmp_path / "base", source=source, text_encoder_2=modules[3])
     want = export_modules(*merged[:3], configs, tmp_path / "merged", source=source, text_encoder_2=merged[3])
     args = {"negative_prompt": "blurry", "sampler_name": "Euler", "steps": STEPS, "seed": SEED, "width": 64,
             "height": 64}
