@@ -57,6 +57,27 @@ def sdxl_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sd2v_bundle(tmp_path_factory):
+    """A tiny SD 2.x v-prediction model's configs and its bundle (``random_modules(configs, seed=3)``)."""
+    from sdrt.export.tiny import random_bundle, scaled_sd2_configs
+
+    configs = scaled_sd2_configs(v_prediction=True)
+    return configs, random_bundle(configs, tmp_path_factory.mktemp("sd2v") / "b", seed=3)
+
+
+@pytest.fixture(scope="session")
+def precise_bundle(tmp_path_factory, tiny_checkpoint) -> tuple[Path, str]:
+    """The tiny model exported by the CLI with every reduced precision: int8, fp16, int8-static and
+    ``mixed`` (chosen from the int8 ones' measurements); (bundle, stdout). Tests that write into the
+    bundle remove what they wrote, or copy it first."""
+    out = tmp_path_factory.mktemp("precision") / "tiny-reduced"
+    r = run_sdrt("export", tiny_checkpoint, out, "--precision", "int8", "--precision", "fp16",
+                 "--precision", "int8-static", "--precision", "mixed")
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline(tiny_bundle):
     from sdrt.runtime.pipeline.txt2img import Pipeline
 

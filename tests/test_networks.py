@@ -727,11 +727,9 @@ def test_provenance_file_is_json_with_ldm_names(tiny_bundle):
 # -- reduced-precision graphs --
 
 @pytest.fixture(scope="module")
-def precision_bundle(tiny_checkpoint, tmp_path_factory):
-    from sdrt.export.write import export_checkpoint
-
-    return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("prec") / "tiny",
-                             precisions=("fp32", "int8", "int8-static", "fp16"))
+def precision_bundle(precise_bundle):
+    """The tiny model with its fp32, int8, int8-static and fp16 graphs (``sdrt export``'s, shared with test_precision)."""
+    return precise_bundle[0]
 
 
 INT8_GRAPHS = (("unet", "model.cpu-int8.onnx"), ("unet", "model.cpu-int8-static.onnx"),
@@ -872,15 +870,15 @@ def test_lora_on_int8_graphs_costs_no_more_than_quantization(precision_bundle, t
 
 # -- SDXL: both text encoders and the UNet --
 
-def test_sdxl_lora_matches_the_merged_export(tmp_path, caplog):
+def test_sdxl_lora_matches_the_merged_export(tmp_path, caplog, sdxl_bundle):
     """An SDXL LoRA in kohya's naming (``lora_te1_`` CLIP ViT-L, ``lora_te2_`` OpenCLIP bigG, the UNet
-    in LDM and in diffusers names) applied to a bundle gives the image of the bundle exported from
-    the torch modules with the network merged the webui's way."""
-    from sdrt.export.tiny import random_modules, scaled_sdxl_configs
+    in LDM and in diffusers names) applied to a bundle (conftest's tiny SDXL) gives the image of the
+    bundle exported from its torch modules with the network merged the webui's way."""
+    from sdrt.export.tiny import random_modules
     from sdrt.export.write import export_modules
 
-    configs = scaled_sdxl_configs()
-    modules = random_modules(configs, seed=0)
+    configs, base = copy.deepcopy(sdxl_bundle)
+    modules = random_modules(configs, seed=3)  # the bundle's weights
     unet, _, te1, te2 = modules
     g = torch.Generator().manual_seed(5)
 
@@ -917,7 +915,6 @@ def test_sdxl_lora_matches_the_merged_export(tmp_path, caplog):
     webui_merge(tensors, layers, 0.8, 0.6)
 
     source = {"name": "xl", "kind": "random", "sha256": None, "hash": None}
-    base = export_modules(*modules[:3], configs, tmp_path / "base", source=source, text_encoder_2=modules[3])
     want = export_modules(*merged[:3], configs, tmp_path / "merged", source=source, text_encoder_2=merged[3])
     args = {"negative_prompt": "blurry", "sampler_name": "Euler", "steps": STEPS, "seed": SEED, "width": 64,
             "height": 64}

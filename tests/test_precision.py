@@ -37,16 +37,6 @@ def assert_db(value, measured: float, margin: float = MARGIN) -> None:
     assert value is not None and abs(value - measured) <= margin, f"PSNR {value} dB, measured {measured} +- {margin}"
 
 
-@pytest.fixture(scope="module")
-def precise_bundle(tmp_path_factory, tiny_checkpoint) -> tuple[Path, str]:
-    """The tiny model exported with int8 and fp16 variants by the CLI; (bundle, stdout)."""
-    out = tmp_path_factory.mktemp("precision") / "tiny-int8-fp16"
-    r = run_sdrt("export", tiny_checkpoint, out, "--precision", "int8", "--precision", "fp16",
-                 "--precision", "int8-static")
-    assert r.returncode == 0, r.stderr
-    return out, r.stdout
-
-
 def _matmul_model(tmp_path: Path) -> Path:
     """sample [1, 16, 64] -> MatMul W1 -> Add b -> MatMul W2 -> out; context [1, 8, 64] -> MatMul Wc -> ctx_out."""
     rng = np.random.default_rng(0)
@@ -239,6 +229,7 @@ def test_runtime_picks_the_precision(precise_bundle, tmp_path):
     copy = shutil.copytree(bundle, tmp_path / "copy")
     m = json.loads((copy / "sdrt.json").read_text())
     m["precisions"]["cpu"]["int8-static"]["default"] = False
+    m["precisions"]["cpu"]["mixed"]["default"] = False  # test_mixed_precision_is_chosen_by_measurement's
     for default in (False, True):
         m["precisions"]["cpu"]["int8"]["default"] = default
         (copy / "sdrt.json").write_text(json.dumps(m))
@@ -271,6 +262,7 @@ def test_auto_int8_only_where_its_measurement_holds(precise_bundle, tmp_path, mo
     copy = shutil.copytree(precise_bundle[0], tmp_path / "copy")
     m = json.loads((copy / "sdrt.json").read_text())
     m["precisions"]["cpu"]["int8-static"]["default"] = False
+    m["precisions"]["cpu"]["mixed"]["default"] = False
     m["precisions"]["cpu"]["int8"]["default"] = True
     for measured_saturating, here_saturating, expected in ((False, False, "int8"), (False, True, "fp32"),
                                                           (True, True, "int8"), (True, False, "int8")):
@@ -317,7 +309,7 @@ def test_half_vae_nan_is_retried_in_fp32(precise_bundle, caplog):
     """Latents that overflow fp16 inside the VAE: the fp16 graph gives NaN/Inf, the pipeline warns,
     switches to the fp32 graph and decodes the same image the fp32 pipeline does."""
     bundle, _ = precise_bundle
-    pipe = Pipeline(bundle)
+    pipe = Pipeline(bundle, precision="fp32")
     latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32) * 2e4
     expected = pipe.decode_float(latents)
     half = bundle / "vae_decoder" / "model.cuda-fp16.onnx"
@@ -357,12 +349,10 @@ def test_kept_float_convs_name_the_latent_channels(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mixed_bundle(tmp_path_factory, tiny_checkpoint) -> tuple[Path, str]:
-    """The tiny model exported with ``--precision mixed`` (which writes int8 and int8-static too)."""
-    out = tmp_path_factory.mktemp("precision") / "tiny-mixed"
-    r = run_sdrt("export", tiny_checkpoint, out, "--precision", "mixed")
-    assert r.returncode == 0, r.stderr
-    return out, r.stdout
+def mixed_bundle(precise_bundle) -> tuple[Path, str]:
+    """The tiny model exported with ``--precision mixed`` (which writes int8 and int8-static too;
+    conftest's export, which adds fp16, a CUDA precision that the CPU's choices never read)."""
+    return precise_bundle
 
 
 def test_int8_static_quantizes_the_vae_decoder(mixed_bundle):

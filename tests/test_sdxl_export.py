@@ -117,9 +117,9 @@ def test_added_embedding_needs_a_second_encoder():
 
 
 @pytest.fixture(scope="module")
-def sd2_bundle(tmp_path_factory):
-    configs = scaled_sd2_configs(v_prediction=True)
-    return configs, random_bundle(configs, tmp_path_factory.mktemp("sd2") / "b", seed=3)
+def sd2_bundle(sd2v_bundle):
+    """The tiny SD 2.x v model (seed 3), exported once for the session (test_sdxl_fidelity uses it too)."""
+    return sd2v_bundle
 
 
 def _session(path):

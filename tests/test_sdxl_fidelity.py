@@ -38,16 +38,19 @@ def kd():
     return load_k_diffusion_sampling()
 
 
-def _model(tmp_path_factory, configs, name, emb_dir=None):
+def _model(tmp_path_factory, configs, name, emb_dir=None, bundle=None):
+    """The pipeline and reference of ``random_modules(configs, seed=3)``: exported here, or
+    ``bundle``, a session fixture's export of the same modules."""
     from sdrt.export.tiny import random_modules
     from sdrt.export.write import export_modules
 
     torch.set_grad_enabled(False)
     unet, vae, text_encoder, *rest = random_modules(configs, seed=3)
     text_encoder_2 = rest[0] if rest else None
-    source = {"name": f"tiny-{name}", "kind": "random", "sha256": None, "hash": None}
-    bundle = export_modules(unet, vae, text_encoder, configs, tmp_path_factory.mktemp("fam") / name, source=source,
-                            text_encoder_2=text_encoder_2)
+    if bundle is None:
+        source = {"name": f"tiny-{name}", "kind": "random", "sha256": None, "hash": None}
+        bundle = export_modules(unet, vae, text_encoder, configs, tmp_path_factory.mktemp("fam") / name,
+                                source=source, text_encoder_2=text_encoder_2)
     pipe = Img2imgPipeline(bundle, embeddings_dir=emb_dir)
     te = pipe.text_encoder
     encoders = getattr(te, "encoders", [te])
@@ -80,17 +83,15 @@ def sd2(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sd2v(tmp_path_factory):
-    from sdrt.export.tiny import scaled_sd2_configs
-
-    return _model(tmp_path_factory, scaled_sd2_configs(v_prediction=True), "sd2v")
+def sd2v(tmp_path_factory, sd2v_bundle):
+    configs, bundle = sd2v_bundle
+    return _model(tmp_path_factory, configs, "sd2v", bundle=bundle)
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory, emb_dir):
-    from sdrt.export.tiny import scaled_sdxl_configs
-
-    return _model(tmp_path_factory, scaled_sdxl_configs(), "sdxl", emb_dir)
+def sdxl(tmp_path_factory, emb_dir, sdxl_bundle):
+    configs, bundle = sdxl_bundle
+    return _model(tmp_path_factory, configs, "sdxl", emb_dir, bundle=bundle)
 
 
 @pytest.fixture(scope="module")
