@@ -19,7 +19,7 @@ from sdrt.runtime.networks.vae import ExternalVae, with_vae_fields
 from sdrt.runtime.pipeline import tiling
 from sdrt.runtime.pipeline.params import GenerationParams
 from sdrt.runtime.pipeline.plan import Batch, Plan, make_plan, noise_seeds
-from sdrt.runtime.precision import describe, resolve_precision
+from sdrt.runtime.precision import MIXED_LAYERS, describe, resolve_precision
 from sdrt.runtime.sampling import schedules
 from sdrt.runtime.sampling.denoiser import (
     CFGDenoiser,
@@ -366,6 +366,18 @@ class Pipeline:
         noise = self.brownian_noise(plan, batch, sigmas) if info.brownian else next_noise
         return info.fn(model, x, sigmas, noise=noise, callback=on_step, **options)
 
+    def _warn_fixed_ranges(self) -> None:
+        """Once per pipeline: add-on networks on graphs whose int8 activation ranges were calibrated
+        (int8-static, mixed's per-layer graphs) run outside what the export measured: the ranges
+        and the layers kept in fp32 were chosen without the network (docs/OPTIMIZATION.md)."""
+        static = (self.precision == "int8-static" or self.precision == "mixed" and any(
+            v in ("int8-static", MIXED_LAYERS) for v in self.bundle.mixed_components(self.device).values()))
+        if static and not getattr(self, "_warned_ranges", False):
+            self._warned_ranges = True
+            log.warning("precision %s: its int8 activation ranges were calibrated and its fidelity measured "
+                        "without add-on networks; with them the image can be further from fp32 than measured "
+                        "(--precision int8 or fp32 keep to it)", describe(self.bundle, self.device, self.precision))
+
     def generate(self, p: GenerationParams | Plan, callback: StepCallback | None = None) -> list[GeneratedImage]:
         """Images for ``n_iter`` batches of ``batch_size``, seeds N, N+1, ... as in the webui.
 
@@ -374,6 +386,8 @@ class Pipeline:
         p = plan.params
         self._interrupted.clear()
         networks = self.networks.activate(p.prompt, self._network_sessions())
+        if any(networks.values()):
+            self._warn_fixed_ranges()
         cond, uncond = self.conditioning(plan)
         self._done_with(self.text_encoder, "med", "low")
         fields = {**with_vae_fields(plan.infotext_fields(self.bundle.model_hash, self.bundle.name), self.vae),
