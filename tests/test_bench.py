@@ -267,7 +267,11 @@ def test_ctrl_c_stops_cleanly_with_status_130(tiny_bundle, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "bench", "-m", str(tiny_bundle),
                              "--backends", "onnxruntime-cpu", "--steps", "64", "--repeats", "1", "--e2e-repeats", "50",
                              "--e2e-warmup", "0", "-o", str(path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            # a terminal's Ctrl-C reaches a foreground program whose SIGINT is not ignored;
+                            # a test run started in the background by a shell (nohup ... &) ignores it and
+                            # its children inherit that, so the child starts with the default action
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not (path.exists() and path.read_text().count("\n") >= 3):
