@@ -54,6 +54,8 @@ import onnx
 from sdrt.export import passes
 from sdrt.runtime import pipeline
 from sdrt.runtime.bundle import variant_key
+from sdrt.runtime.networks import quantized
+from sdrt.runtime.networks.onnx_weights import GraphWeights
 from sdrt.runtime.precision import int8_saturates
 
 log = logging.getLogger(__name__)
@@ -258,12 +260,10 @@ def calibrated_ranges(path: Path) -> dict[str, tuple[float, float]]:
             for name, d in load_tensors_data(path).data.items()}
 
 
-def _uint8_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
-    """Scale and zero point of int8-static's uint8 activations over a calibrated range, as ONNX
-    Runtime's quantizer sets them (the range widened to hold 0)."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = (hi - lo) / 255.0 or 1.0
-    return np.float32(scale), np.uint8(np.clip(np.round(-lo / scale), 0, 255))
+# int8-static's quantization, as ONNX Runtime's quantizer does it (the runtime's mirror of it,
+# which re-quantizes LoRA-merged weights bit for bit): activations uint8 with a zero point,
+# weights int8 symmetric per output channel
+ACTIVATIONS = quantized.Scheme("uint8", 0, 255, symmetric=False)
 
 
 def _int8_layer(node, w: np.ndarray, bias: np.ndarray | None, x_range, y_range) -> bytes:
@@ -274,20 +274,14 @@ def _int8_layer(node, w: np.ndarray, bias: np.ndarray | None, x_range, y_range) 
     from onnx import TensorProto, helper, numpy_helper
 
     conv = node.op_type == "Conv"
-    axis = 0 if conv else 1
-    other = tuple(i for i in range(w.ndim) if i != axis)
-    w_scale = (np.abs(w).max(axis=other) / 127.0).astype(np.float32)
-    w_scale[w_scale == 0] = 1.0
-    shape = [-1 if i == axis else 1 for i in range(w.ndim)]
-    wq = np.clip(np.round(w / w_scale.reshape(shape)), -127, 127).astype(np.int8)
-    xs, xz = _uint8_params(*x_range)
-    ys, yz = _uint8_params(*y_range)
-    inits = [numpy_helper.from_array(v, n) for n, v in (
-        ("xs", xs), ("xz", xz), ("wq", wq), ("ws", w_scale), ("wz", np.zeros(w_scale.shape, np.int8)),
-        ("ys", ys), ("yz", yz))]
+    wq, ws, wz = quantized.quantize(w, quantized.Scheme("int8", -127, 127, symmetric=True, axis=0 if conv else 1))
+    (xs,), (xz,) = quantized.scale_zero_point(np.float32([x_range[0]]), np.float32([x_range[1]]), ACTIVATIONS)
+    (ys,), (yz,) = quantized.scale_zero_point(np.float32([y_range[0]]), np.float32([y_range[1]]), ACTIVATIONS)
+    inits = [numpy_helper.from_array(np.asarray(v), n) for n, v in (
+        ("xs", xs), ("xz", xz), ("wq", wq), ("ws", ws), ("wz", wz), ("ys", ys), ("yz", yz))]
     inputs = ["xq", "xs", "xz", "wq", "ws", "wz", "ys", "yz"]
     if conv and bias is not None:
-        inits.append(numpy_helper.from_array(np.round(bias / (xs * w_scale)).astype(np.int32), "bq"))
+        inits.append(numpy_helper.from_array(quantized.quantize_bias(bias, xs, ws), "bq"))
         inputs.append("bq")
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if conv else {}
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
@@ -322,17 +316,15 @@ def layer_sensitivity(src: str | Path, feeds: list[dict[str, np.ndarray]], range
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = int(os.environ.get("SDRT_THREADS", "0"))
-    full = onnx.load(str(src), load_external_data=True)
-    inits = {t.name: t for t in full.graph.initializer}
+    weights = GraphWeights(src)  # read one tensor at a time, never the whole file
 
     def array(name: str) -> np.ndarray | None:
-        return onnx.numpy_helper.to_array(inits[name]).astype(np.float32) if name and name in inits else None
+        return np.asarray(weights.read(name), np.float32) if name and name in weights.index else None
 
     layers = {n.name: ort.InferenceSession(
         _int8_layer(n, array(n.input[1]), array(n.input[2]) if n.op_type == "Conv" and len(n.input) > 2 else None,
                     ranges[n.input[0]], ranges[n.output[0]]), opts, providers=["CPUExecutionProvider"])
         for n in chosen}
-    del full, inits
     signal = dict.fromkeys(layers, 0.0)
     noise = dict.fromkeys(layers, 0.0)
     picks = sorted({round(i) for i in np.linspace(0, len(feeds) - 1, min(samples, len(feeds)))})

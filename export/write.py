@@ -527,13 +527,14 @@ def _write_mixed(tmp: Path, manifest: manifests.Manifest, progress: Progress | N
     # component -> [(precision, its own PSNR, layers kept in fp32)], fastest first
     options: dict[str, list[tuple[str, float | None, int | None]]] = {}
     for name in manifest.components:
+        choices = []
         for precision in ("int8-static", MIXED_LAYERS, "int8"):
             if precision == MIXED_LAYERS:
-                options.setdefault(name, []).extend(
-                    (precision, db, k) for k, db in (search.held.get(name, []) if search else []))
+                choices += [(precision, db, k) for k, db in (search.held.get(name, []) if search else [])]
             elif (effect := effects(precision).get(name)) and effect.get("default"):
-                options.setdefault(name, []).append((precision, effect.get("image_psnr"), None))
-    options = {name: o for name, o in options.items() if o}
+                choices.append((precision, effect.get("image_psnr"), None))
+        if choices:
+            options[name] = choices
     choice = {name: 0 for name in manifest.components if name in options}  # in the bundle's order
     tried = []
     while True:

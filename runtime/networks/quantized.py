@@ -40,7 +40,7 @@ class Scheme:
     axis: int | None = None
 
 
-def _scale_zero_point(rmin: np.ndarray, rmax: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
+def scale_zero_point(rmin: np.ndarray, rmax: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray]:
     """Per-row scale (float32) and zero point, as ONNX Runtime's ``compute_scale_zp``."""
     rmin = np.minimum(rmin, np.float32(0))
     rmax = np.maximum(rmax, np.float32(0))
@@ -66,7 +66,7 @@ def quantize(value: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray,
         rows = value.reshape(1, -1)
     else:
         rows = np.moveaxis(value, scheme.axis, 0).reshape(value.shape[scheme.axis], -1)
-    scale, zero = _scale_zero_point(rows.min(axis=1), rows.max(axis=1), scheme)
+    scale, zero = scale_zero_point(rows.min(axis=1), rows.max(axis=1), scheme)
     info = np.iinfo(DTYPES[scheme.dtype])
     q = np.round(rows / scale[:, None]) + zero[:, None].astype(np.float32)
     q = np.clip(q, info.min, info.max).astype(DTYPES[scheme.dtype])
