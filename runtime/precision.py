@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 # The device kind each reduced precision's graphs are made for (sdrt.export.quantize): int8 and
 # int8-static CPU graphs, fp16 CUDA graphs; mixed: per component the fastest CPU variant whose
-# measured effect on the final image holds, no graphs of its own (Bundle.graph)
+# measured effect on the final image holds, its own graph only where that is int8-static with
+# some layers kept in fp32 (MIXED_LAYERS; Bundle.graph)
 PRECISION_KINDS = {"int8": "cpu", "int8-static": "cpu", "mixed": "cpu", "fp16": "cuda"}
 # What a component of ``mixed`` runs when int8-static held only with some layers kept in fp32,
 # chosen by measurement at export: its own graph, the ``cpu-mixed`` variant (model.cpu-mixed.onnx)

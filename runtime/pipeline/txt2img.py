@@ -144,6 +144,7 @@ class Pipeline:
         # added to the UNet graph (runtime/networks)
         self.networks = Networks(self.bundle, lora_dir, hypernetwork_dir)
         self._interrupted = threading.Event()
+        self._warned_ranges = False  # _warn_fixed_ranges said its line
         self._skipped = threading.Event()
 
     @property
@@ -372,7 +373,7 @@ class Pipeline:
         and the layers kept in fp32 were chosen without the network (docs/OPTIMIZATION.md)."""
         static = (self.precision == "int8-static" or self.precision == "mixed" and any(
             v in ("int8-static", MIXED_LAYERS) for v in self.bundle.mixed_components(self.device).values()))
-        if static and not getattr(self, "_warned_ranges", False):
+        if static and not self._warned_ranges:
             self._warned_ranges = True
             log.warning("precision %s: its int8 activation ranges were calibrated and its fidelity measured "
                         "without add-on networks; with them the image can be further from fp32 than measured "
