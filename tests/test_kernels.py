@@ -18,7 +18,7 @@ def group_norm_ref(x, gamma, beta, groups, eps, silu):
 
 def test_library_is_built():
     assert kernels.available(), f"missing {kernels.library_path()}"
-    assert kernels.load().sdrt_kernels_abi_version() == 3
+    assert kernels.load().sdrt_kernels_abi_version() == 4
 
 
 @pytest.mark.parametrize("silu", [False, True])
@@ -75,17 +75,29 @@ def psnr(out, ref):
 ATTENTION_SHAPES = [(2, 64, 77, 8, 40), (1, 37, 50, 3, 7), (2, 130, 129, 2, 80), (1, 9, 200, 1, 160), (1, 5, 1, 1, 3)]
 
 
-@pytest.mark.parametrize("math", ["float32", "float32-portable"])
+def _has_avx2() -> bool:
+    return kernels.attention(*(np.zeros((1, 1, 2), np.float32),) * 3, 1, math="float32-avx2")[1] == "float32-avx2"
+
+
+# What each math runs on this CPU: float32 is the AVX-512 form, else the AVX2 one, else portable
+FLOAT32_FORMS = {"float32": ("float32", "float32-avx2", "float32-portable"),
+                 "float32-avx2": ("float32-avx2", "float32-portable"), "float32-portable": ("float32-portable",)}
+
+
+@pytest.mark.parametrize("math", list(FLOAT32_FORMS))
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES)
 def test_attention_float32_matches_numpy(shape, math):
-    """Both float32 forms (the blocked AVX-512 one where the CPU has it, and the portable one)
-    agree with float64 up to float32 rounding, with the default and an explicit scale."""
+    """Every float32 form (the blocked AVX-512 one where the CPU has it, the blocked AVX2 one, and
+    the portable one) agrees with float64 up to float32 rounding, with the default and an explicit
+    scale."""
     b, s, l, h, d = shape
     rng = np.random.default_rng(0)
     q = rng.standard_normal((b, s, h * d), dtype=np.float32) * 2
     k, v = (rng.standard_normal((b, l, h * d), dtype=np.float32) for _ in range(2))
     out, form = kernels.attention(q, k, v, h, math=math)
-    assert form == math or (math == "float32" and form == "float32-portable")  # no AVX-512: portable
+    assert form in FLOAT32_FORMS[math]
+    if math == "float32-avx2":
+        assert (form == "float32-avx2") == _has_avx2()
     np.testing.assert_allclose(out, attention_ref(q, k, v, h), rtol=1e-5, atol=1e-5)
     out, _ = kernels.attention(q, k, v, h, scale=0.3, math=math)
     np.testing.assert_allclose(out, attention_ref(q, k, v, h, 0.3), rtol=1e-5, atol=1e-5)
@@ -121,6 +133,25 @@ def test_attention_bf16_softmax_over_a_wide_range():
     ref = attention_ref(q, k, v, 1)
     out, _ = kernels.attention(q, k, v, 1)
     assert np.isfinite(out).all() and psnr(out, ref) > 35
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="this CPU has no AVX2/FMA")
+def test_attention_avx2_sharp_softmax_and_many_rows():
+    """The AVX2 form: scores spread over hundreds (exp2's clamp and the running maximum keep every
+    weight finite, the winners come through), more query rows than one task (96) over keys in
+    several 64-key blocks, and a head size that fills no 16-dimension chunk."""
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((1, 200, 2 * 44), dtype=np.float32) * 6
+    k = rng.standard_normal((1, 300, 2 * 44), dtype=np.float32) * 6
+    v = rng.standard_normal((1, 300, 2 * 44), dtype=np.float32)
+    ref = attention_ref(q, k, v, 2)
+    assert np.abs(ref).max() > 0.5  # sharp: rows are nearly one key's value
+    out, form = kernels.attention(q, k, v, 2, math="float32-avx2")
+    assert form == "float32-avx2" and np.isfinite(out).all()
+    # scores of +-100 carry float32's rounding (1e-5 of them) into the weights: the portable form's
+    # error is of the same size
+    portable, _ = kernels.attention(q, k, v, 2, math="float32-portable")
+    assert np.abs(out - ref).max() < max(5e-5, 2 * np.abs(portable - ref).max())
 
 
 def test_attention_rejects_bad_shapes():

@@ -8,9 +8,10 @@
 //     float32.
 //   float32 (AVX-512 F): the same blocked kernel with float32 FMAs (attention_avx512.inc holds
 //     it once, compiled for both).
+//   float32 AVX2 (AVX2/FMA CPUs without AVX-512): the same flash order with 8-float vectors
+//     (attention_avx2.inc).
 //   float32 portable (any other CPU): K transposed per (item, head) so a row's scores are axpy
-//     loops over the keys, then exp and the weighted sum of V rows; compiled for AVX2/FMA next to
-//     baseline x86-64 and picked at load time.
+//     loops over the keys, then exp and the weighted sum of V rows.
 #include "attention/attention.h"
 
 #include <algorithm>
@@ -93,6 +94,10 @@ SDRT_CLONES float softmax_numerators(float* s, int64_t n) {
 #undef SDRT_ATTN_NS
 #undef SDRT_ATTN_BF16
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "attention/attention_avx2.inc"
+#pragma GCC pop_options
 #pragma GCC diagnostic pop
 #endif
 
@@ -101,6 +106,15 @@ float AttentionShape::softmax_scale() const {
 }
 
 namespace {
+bool cpu_has_avx2() {
+#if SDRT_HAVE_AVX512_PATHS
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
 bool cpu_has(bool bf16) {
 #if SDRT_HAVE_AVX512_PATHS
   __builtin_cpu_init();
@@ -120,14 +134,23 @@ AttentionJob::AttentionJob(const AttentionShape& shape, const float* q, const fl
                            float* out, AttentionMath math)
     : shape_(shape), q_(q), k_(k), v_(v), out_(out), scale_(shape.softmax_scale()) {
   const bool want_bf16 = math == AttentionMath::kAuto || math == AttentionMath::kBFloat16;
+  const bool avx512 = math != AttentionMath::kFloat32Avx2 && cpu_has(false);
   form_ = math == AttentionMath::kPortable ? Form::kPortable
           : want_bf16 && cpu_has(true)     ? Form::kBFloat16
-          : cpu_has(false)                 ? Form::kFloat32
+          : avx512                         ? Form::kFloat32
+          : cpu_has_avx2()                 ? Form::kFloat32Avx2
                                            : Form::kPortable;
-  row_tile_ = 32;
+  // query rows per task, whole micro-tiles (4 rows; AVX2: 6, and 96 rows so that each block of K
+  // and V read serves 16 micro-tiles from the L1 cache)
+  row_tile_ = form_ == Form::kFloat32Avx2 ? 96 : 32;
   const int64_t heads = shape.b * shape.heads;
   if (form_ == Form::kPortable) {
     head_units_ = shape.d * shape.l;  // K transposed, [d][l] floats
+  } else if (form_ == Form::kFloat32Avx2) {  // floats: K [l / 8][d][8], V [l][d padded to 8]
+    lpad_ = round_up(shape.l, 16);
+    dpad_ = round_up(shape.d, 8);
+    k_units_ = lpad_ * shape.d;
+    head_units_ = k_units_ + lpad_ * dpad_;
   } else {
     const int64_t per_unit = form_ == Form::kBFloat16 ? 2 : 1;
     lpad_ = round_up(shape.l, 16);
@@ -156,6 +179,11 @@ void AttentionJob::pack_task(int64_t bh) {
     case Form::kFloat32:
       avx512_f32::pack(kb, vb, hd, shape_.l, shape_.d, steps_, dpad_, dst, dst + k_units_);
       return;
+    case Form::kFloat32Avx2: {
+      float* kf = reinterpret_cast<float*>(dst);
+      avx2_f32::pack(kb, vb, hd, shape_.l, shape_.d, dpad_, kf, kf + k_units_);
+      return;
+    }
 #endif
     default: {
       float* kt = reinterpret_cast<float*>(dst);
@@ -176,6 +204,7 @@ void AttentionJob::run_task(int64_t task) {
   const uint32_t* kp = packed_.data() + bh * head_units_;
   const uint32_t* vp = kp + k_units_;
   const float qscale = scale_ * kLog2e;  // scores in the log2 domain: softmax by exp2
+  if (form_ == Form::kFloat32Avx2) return run_avx2(bh, row0, rows, qscale);
   std::vector<uint32_t> q(static_cast<size_t>(kRows * steps_));
   std::vector<float> o(static_cast<size_t>(kRows * dpad_));
   for (int64_t r0 = row0; r0 < row0 + rows; r0 += kRows) {
@@ -194,6 +223,31 @@ void AttentionJob::run_task(int64_t task) {
       avx512_f32::rows(qrows, orows, n, shape_.d, shape_.l, steps_, dpad_, qscale, kp, vp, q.data(),
                        o.data());
   }
+#endif
+}
+
+void AttentionJob::run_avx2(int64_t bh, int64_t row0, int64_t rows, float qscale) {
+#if SDRT_HAVE_AVX512_PATHS
+  const int64_t b = bh / shape_.heads, h = bh % shape_.heads, hd = shape_.heads * shape_.d;
+  const float* kp = reinterpret_cast<const float*>(packed_.data() + bh * head_units_);
+  const float* vp = kp + k_units_;
+  // the task's rows at once, in whole micro-tiles (the last row repeated to fill them)
+  const int n = static_cast<int>(rows);
+  const int tiles = (n + avx2_f32::kRows - 1) / avx2_f32::kRows, all = tiles * avx2_f32::kRows;
+  std::vector<const float*> qrows(static_cast<size_t>(all));
+  std::vector<float*> orows(static_cast<size_t>(all));
+  for (int r = 0; r < all; ++r) {
+    const int64_t row = row0 + std::min(r, n - 1);
+    qrows[r] = q_ + (b * shape_.s + row) * hd + h * shape_.d;
+    orows[r] = out_ + (b * shape_.s + row) * hd + h * shape_.d;
+  }
+  std::vector<float> scratch(static_cast<size_t>(all * (shape_.d + dpad_ + 2)));
+  float* q = scratch.data();
+  float* o = q + all * shape_.d;
+  avx2_f32::rows(qrows.data(), orows.data(), n, tiles, shape_.d, shape_.l, dpad_, qscale, kp, vp, q, o,
+                 o + all * dpad_);
+#else
+  (void)bh, (void)row0, (void)rows, (void)qscale;
 #endif
 }
 
@@ -220,7 +274,7 @@ extern "C" int32_t sdrt_attention_f32(const float* q, const float* k, const floa
                                       int64_t s, int64_t l, int64_t heads, int64_t d, float scale,
                                       int32_t math) {
   sdrt::AttentionShape shape{b, s, l, heads, d, scale};
-  if (!q || !k || !v || !out || !shape.valid() || math < 0 || math > 3) return -1;
+  if (!q || !k || !v || !out || !shape.valid() || math < 0 || math > 4) return -1;
   try {
     sdrt::AttentionJob job(shape, q, k, v, out, static_cast<sdrt::AttentionMath>(math));
     for (int64_t t = 0; t < job.pack_tasks(); ++t) job.pack_task(t);

@@ -17,12 +17,13 @@ struct AttentionShape {
 
 // How the products are formed: bf16 operands with float32 sums (AVX-512 BF16's vdpbf16ps), or
 // float32 throughout. kAuto and kBFloat16 take bf16 where the CPU has the instructions, float32
-// elsewhere; kPortable is the float32 form for CPUs without AVX-512 (for tests on CPUs that
-// have it).
-enum class AttentionMath { kAuto = 0, kFloat32 = 1, kBFloat16 = 2, kPortable = 3 };
+// elsewhere; kPortable and kFloat32Avx2 name the float32 forms of CPUs without AVX-512 (for tests
+// on CPUs that have it; kFloat32Avx2 is portable where the CPU lacks AVX2/FMA).
+enum class AttentionMath { kAuto = 0, kFloat32 = 1, kBFloat16 = 2, kPortable = 3, kFloat32Avx2 = 4 };
 
-// The code that runs a call: 1 float32 (AVX-512 F), 2 bf16 (AVX-512 BF16), 3 portable float32
-enum class AttentionForm { kFloat32 = 1, kBFloat16 = 2, kPortable = 3 };
+// The code that runs a call: 1 float32 (AVX-512 F), 2 bf16 (AVX-512 BF16), 3 portable float32,
+// 4 float32 AVX2/FMA
+enum class AttentionForm { kFloat32 = 1, kBFloat16 = 2, kPortable = 3, kFloat32Avx2 = 4 };
 
 // True when this CPU runs the bf16 form (AVX-512 F/BW/DQ/VL and BF16).
 bool attention_bf16_supported();
@@ -49,10 +50,12 @@ class AttentionJob {
   Form form_;
   int64_t row_tile_;  // query rows per task
   // AVX-512 packing (attention_avx512.inc): keys padded to 16, steps of the head size (a
-  // dimension, or a bf16 pair), head size padded to 16; 32-bit units per head: K's, then V's
+  // dimension, or a bf16 pair), head size padded to 16; 32-bit units per head: K's, then V's.
+  // AVX2 packing (attention_avx2.inc): keys padded to 16, head size padded to 8 in V
   int64_t lpad_ = 0, steps_ = 0, dpad_ = 0, k_units_ = 0, head_units_ = 0;
   std::vector<uint32_t> packed_;  // per (item, head): K then V (portable form: K transposed)
   void run_portable(int64_t bh, int64_t row0, int64_t rows);
+  void run_avx2(int64_t bh, int64_t row0, int64_t rows, float qscale);
 };
 
 }  // namespace sdrt

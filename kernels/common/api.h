@@ -12,7 +12,8 @@
 extern "C" {
 #endif
 
-// Version of the kernels ABI; bumped when an entry point is added or changes (2: attention, 3: conv3x3).
+// Version of the kernels ABI; bumped when an entry point is added or changes (2: attention, 3: conv3x3,
+// 4: attention math 4, its AVX2 form).
 SDRT_API int32_t sdrt_kernels_abi_version(void);
 
 // GroupNorm over x[n, c, h*w] (NCHW) or x[n, h*w, c] (NHWC), per-channel affine, then SiLU if
@@ -23,8 +24,10 @@ SDRT_API int32_t sdrt_group_norm_f32(const float* x, const float* gamma, const f
 
 // softmax(scale * q k^T) v per (item, head) over fused heads: q and out [b, s, heads*d], k and v
 // [b, l, heads*d]; scale 0 means 1/sqrt(d). math: 0 bf16 where the CPU has AVX-512 BF16, else
-// float32; 1 float32; 2 bf16 if available; 3 the portable float32 code. Returns the form that
-// ran (1 float32, 2 bf16, 3 portable float32), -1 on bad arguments, -2 out of memory.
+// float32; 1 float32 (AVX-512, else AVX2/FMA, else portable); 2 bf16 if available; 3 the portable
+// float32 code; 4 the AVX2/FMA float32 code (portable without AVX2). Returns the form that ran (1
+// float32 AVX-512, 2 bf16, 3 portable float32, 4 float32 AVX2), -1 on bad arguments, -2 out of
+// memory.
 SDRT_API int32_t sdrt_attention_f32(const float* q, const float* k, const float* v, float* out, int64_t b,
                                     int64_t s, int64_t l, int64_t heads, int64_t d, float scale, int32_t math);
 

@@ -1,3 +1,3 @@
 #include "common/api.h"
 
-extern "C" int32_t sdrt_kernels_abi_version(void) { return 3; }
+extern "C" int32_t sdrt_kernels_abi_version(void) { return 4; }

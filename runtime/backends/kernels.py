@@ -94,10 +94,12 @@ def group_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, groups: int, 
 
 
 # How ai.sdrt.Attention forms its products (kernels/attention/attention.h): "auto" and
-# "bfloat16" take bf16 where the CPU has AVX-512 BF16; "float32-portable" is the float32 code for
-# CPUs without AVX-512, callable anywhere for tests
-ATTENTION_MATH = {"auto": 0, "float32": 1, "bfloat16": 2, "float32-portable": 3}
-_ATTENTION_FORMS = {1: "float32", 2: "bfloat16", 3: "float32-portable"}
+# "bfloat16" take bf16 where the CPU has AVX-512 BF16; "float32" is the AVX-512 float32 form, or
+# on CPUs without AVX-512 the AVX2/FMA one ("float32-avx2"), else the portable one;
+# "float32-avx2" and "float32-portable" name those two forms, callable anywhere for tests (the
+# AVX2 one falls to the portable one on a CPU without AVX2/FMA)
+ATTENTION_MATH = {"auto": 0, "float32": 1, "bfloat16": 2, "float32-portable": 3, "float32-avx2": 4}
+_ATTENTION_FORMS = {1: "float32", 2: "bfloat16", 3: "float32-portable", 4: "float32-avx2"}
 
 
 def attention_bf16_supported() -> bool:
@@ -111,8 +113,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, scale: fl
     """softmax(scale * q k^T) v per item and head with the compiled CPU kernel (ai.sdrt.Attention).
 
     q is [B, S, heads*d], k and v [B, L, heads*d] (float32). ``math`` is a key of
-    :data:`ATTENTION_MATH`. Returns the output and the form that ran ("float32", "bfloat16" or
-    "float32-portable")."""
+    :data:`ATTENTION_MATH`. Returns the output and the form that ran ("float32", "bfloat16",
+    "float32-avx2" or "float32-portable")."""
     q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
     if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
         raise SdrtError(f"attention: q must be [B, S, hidden], k and v [B, L, hidden] alike; got "
