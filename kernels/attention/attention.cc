@@ -22,6 +22,7 @@
 #include <new>
 
 #include "common/api.h"
+#include "common/cpu.h"
 #include "common/exp.h"
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
@@ -105,15 +106,6 @@ float AttentionShape::softmax_scale() const {
 }
 
 namespace {
-bool cpu_has_avx2() {
-#if SDRT_HAVE_AVX512_PATHS
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
 bool cpu_has(bool bf16) {
 #if SDRT_HAVE_AVX512_PATHS
   __builtin_cpu_init();
@@ -134,10 +126,11 @@ AttentionJob::AttentionJob(const AttentionShape& shape, const float* q, const fl
     : shape_(shape), q_(q), k_(k), v_(v), out_(out), scale_(shape.softmax_scale()) {
   const bool want_bf16 = math == AttentionMath::kAuto || math == AttentionMath::kBFloat16;
   const bool avx512 = math != AttentionMath::kFloat32Avx2 && cpu_has(false);
+  const bool avx2 = SDRT_HAVE_AVX512_PATHS && cpu_has_avx2_fma();  // the AVX2 form is built with the AVX-512 ones
   form_ = math == AttentionMath::kPortable ? Form::kPortable
           : want_bf16 && cpu_has(true)     ? Form::kBFloat16
           : avx512                         ? Form::kFloat32
-          : cpu_has_avx2()                 ? Form::kFloat32Avx2
+          : avx2                           ? Form::kFloat32Avx2
                                            : Form::kPortable;
   // query rows per task, whole micro-tiles (4 rows; AVX2: 6, and 96 rows so that each block of K
   // and V read serves 16 micro-tiles from the L1 cache)

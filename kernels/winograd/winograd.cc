@@ -18,6 +18,7 @@
 #include <new>
 
 #include "common/api.h"
+#include "common/cpu.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define SDRT_X86 1
@@ -190,14 +191,7 @@ __attribute__((target("avx2,fma"))) void product_avx2(const float* a, const floa
 
 }  // namespace
 
-bool conv3x3_avx2_supported() {
-#if SDRT_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
+bool conv3x3_avx2_supported() { return SDRT_X86 && cpu_has_avx2_fma(); }
 
 Conv3x3Job::Conv3x3Job(const Conv3x3Shape& shape, const float* x, const float* w, const float* bias, float* y,
                        std::vector<float>& scratch, bool portable)
