@@ -191,12 +191,12 @@ void AttentionJob::run_task(int64_t task) {
   const int64_t rows = std::min(row_tile_, shape_.s - row0);
   if (rows <= 0) return;
   if (form_ == Form::kPortable) return run_portable(bh, row0, rows);
+  if (form_ == Form::kFloat32Avx2) return run_avx2(bh, row0, rows);
 #if SDRT_HAVE_AVX512_PATHS
   const int64_t b = bh / shape_.heads, h = bh % shape_.heads, hd = shape_.heads * shape_.d;
   const uint32_t* kp = packed_.data() + bh * head_units_;
   const uint32_t* vp = kp + k_units_;
   const float qscale = scale_ * kLog2e;  // scores in the log2 domain: softmax by exp2
-  if (form_ == Form::kFloat32Avx2) return run_avx2(bh, row0, rows, qscale);
   std::vector<uint32_t> q(static_cast<size_t>(kRows * steps_));
   std::vector<float> o(static_cast<size_t>(kRows * dpad_));
   for (int64_t r0 = row0; r0 < row0 + rows; r0 += kRows) {
@@ -218,8 +218,9 @@ void AttentionJob::run_task(int64_t task) {
 #endif
 }
 
-void AttentionJob::run_avx2(int64_t bh, int64_t row0, int64_t rows, float qscale) {
+void AttentionJob::run_avx2(int64_t bh, int64_t row0, int64_t rows) {
 #if SDRT_HAVE_AVX512_PATHS
+  const float qscale = scale_ * kLog2e;  // scores in the log2 domain: softmax by exp2
   const int64_t b = bh / shape_.heads, h = bh % shape_.heads, hd = shape_.heads * shape_.d;
   const float* kp = reinterpret_cast<const float*>(packed_.data() + bh * head_units_);
   const float* vp = kp + k_units_;
@@ -239,7 +240,7 @@ void AttentionJob::run_avx2(int64_t bh, int64_t row0, int64_t rows, float qscale
   avx2_f32::rows(qrows.data(), orows.data(), n, tiles, shape_.d, shape_.l, dpad_, qscale, kp, vp, q, o,
                  o + all * dpad_);
 #else
-  (void)bh, (void)row0, (void)rows, (void)qscale;
+  (void)bh, (void)row0, (void)rows;
 #endif
 }
 

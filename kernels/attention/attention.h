@@ -55,7 +55,7 @@ class AttentionJob {
   int64_t lpad_ = 0, steps_ = 0, dpad_ = 0, k_units_ = 0, head_units_ = 0;
   std::vector<uint32_t> packed_;  // per (item, head): K then V (portable form: K transposed)
   void run_portable(int64_t bh, int64_t row0, int64_t rows);
-  void run_avx2(int64_t bh, int64_t row0, int64_t rows, float qscale);
+  void run_avx2(int64_t bh, int64_t row0, int64_t rows);
 };
 
 }  // namespace sdrt
